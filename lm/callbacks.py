@@ -1,0 +1,110 @@
+"""Training callbacks: a final validation pass, throughput/MFU logging, and a text sample at the end."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import Throughput
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_only
+
+from lm.generate import generate
+from lm.hardware import measure_matmul_peak
+
+
+class ValidateAtEnd(L.Callback):
+    """Makes the last training step of every run, however short, end with a full validation pass.
+
+    Lightning validates every `val_check_interval` steps only, so a run whose length is not a multiple of it
+    (or shorter) would end without final `val/*` metrics. Asking the trainer to stop on the last step makes
+    Lightning validate before it stops.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+        last_epoch = (
+            trainer.max_epochs is not None
+            and trainer.max_epochs > 0
+            and (trainer.current_epoch + 1 >= trainer.max_epochs)
+        )
+        if last_epoch and batch_idx + 1 >= trainer.num_training_batches:
+            trainer.should_stop = True
+
+
+class LMThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for (x, y) token batches: logs tokens/s, and MFU against `peak_flops`.
+
+    `peak_flops='auto'` measures the matrix-multiply peak of the training dtype on this machine at start
+    (Lightning only knows the peaks of some GPUs); a number is used as given; None logs no MFU.
+    """
+
+    def __init__(self, peak_flops: float | str | None = "auto", window_size: int = 20):
+        super().__init__(
+            batch_size_fn=lambda batch: batch[0].shape[0],
+            length_fn=lambda batch: batch[0].numel(),
+            window_size=window_size,
+        )
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        peak = self.peak_flops
+        if peak == "auto":
+            device = trainer.strategy.root_device
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            peak = self.available_flops or measure_matmul_peak(dtype, str(device))
+        if peak is not None:
+            self.available_flops = float(peak)
+            for stage_key in self._throughputs:
+                self._throughputs[stage_key] = Throughput(
+                    available_flops=self.available_flops, world_size=trainer.world_size, **self.kwargs
+                )
+
+
+class TextSample(L.Callback):
+    """Prints a short sample at the end of training and logs it (TensorBoard text, or the logger's own way)."""
+
+    def __init__(
+        self,
+        max_new_tokens: int = 300,
+        prompt: str = "\n",
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int = 0,
+        output_dir: str | None = None,
+    ):
+        self.max_new_tokens, self.prompt, self.temperature, self.top_k, self.seed = (
+            max_new_tokens,
+            prompt,
+            temperature,
+            top_k,
+            seed,
+        )
+        self.output_dir = output_dir
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.max_new_tokens <= 0:
+            return
+        text = generate(
+            pl_module.model,
+            pl_module.tokenizer,
+            self.prompt,
+            self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=self.seed,
+        )[0]
+        print(f"\n----- sample after {trainer.global_step} steps -----\n{text}\n" + "-" * 40, file=sys.stderr)
+        if self.output_dir:
+            (Path(self.output_dir) / "sample.txt").write_text(text)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("sample", "```\n" + text + "\n```", trainer.global_step)
+            elif hasattr(logger, "log_text"):
+                logger.log_text("sample", columns=["text"], data=[[text]], step=trainer.global_step)

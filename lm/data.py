@@ -1,0 +1,390 @@
+"""The character corpus: download, one-pass encoding to a memory-mapped id cache, and the Lightning data module.
+
+A corpus of any size is read in chunks, never as one Python string. Its ids are cached next to it (or in a
+cache folder when that directory is read-only), keyed by the corpus's sha256, and training memory-maps that
+cache. Training batches are drawn as whole arrays: random window offsets and one vectorised gather.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lm.errors import ConfigError, DataError
+from lm.tokenizer import CharTokenizer, text_to_codepoints
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+IGNORE_INDEX = -100  # targets with this id do not count in the loss
+CHUNK_BYTES = 16 * 1024 * 1024
+CACHE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files: atomic writes and a checked download
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Calls `write(tmp)` on a temporary file beside `path`, then renames it into place.
+
+    A crash or a concurrent writer never leaves a half-written `path`; the temporary file is removed on error.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download(url: str, dest: Path, sha256: str | None, timeout: float = 60.0) -> None:
+    """Downloads `url` to `dest` atomically, checking its sha256; a mismatched download leaves nothing behind."""
+
+    def fetch(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                while block := response.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+        except (urllib.error.URLError, OSError) as error:
+            raise DataError(
+                f"Could not download {url} ({getattr(error, 'reason', error)}); put the file at {dest} yourself "
+                "or pass data.path=/path/to/corpus.txt."
+            ) from error
+        if sha256 and digest.hexdigest() != sha256:
+            raise DataError(
+                f"The download from {url} has sha256 {digest.hexdigest()}, expected {sha256}; it was discarded. "
+                f"Put a correct copy at {dest} or pass data.path=/path/to/corpus.txt."
+            )
+
+    print(f"Downloading {url} -> {dest}", flush=True)
+    write_atomically(dest, fetch)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Corpus encoding
+
+
+@dataclass
+class EncodedCorpus:
+    """A corpus as a memory-mapped array of ids, with the tokenizer that made them."""
+
+    ids: np.ndarray
+    tokenizer: CharTokenizer
+    sha256: str
+
+
+def _decoded_chunks(path: Path, errors: str) -> Iterator[tuple[str, bytes]]:
+    """Yields (text, raw bytes) chunk by chunk; invalid UTF-8 under errors='strict' names its byte offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(CHUNK_BYTES)
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as error:
+                where = offset - pending + error.start
+                raise DataError(
+                    f"{path} is not valid UTF-8 (byte offset {where}); fix the file or pass "
+                    "data.decode_errors=replace to replace undecodable bytes."
+                ) from None
+            offset += len(raw)
+            yield text, raw
+            if not raw:
+                return
+
+
+def _scan_vocabulary(path: Path, errors: str) -> tuple[str, str]:
+    """One pass over the file: its sorted unique characters and its sha256."""
+    digest = hashlib.sha256()
+    seen = np.zeros(65536, dtype=bool)
+    beyond_bmp: set[int] = set()
+    for text, raw in _decoded_chunks(path, errors):
+        digest.update(raw)
+        codepoints = text_to_codepoints(text)
+        # bincount is linear time; a sort-based unique over hundreds of millions of characters is not
+        small = codepoints[codepoints < 65536]
+        seen[:65536] |= np.bincount(small, minlength=65536).astype(bool)
+        beyond_bmp.update(np.unique(codepoints[codepoints >= 65536]).tolist())
+    codepoints = np.flatnonzero(seen).tolist() + sorted(beyond_bmp)
+    return "".join(map(chr, codepoints)), digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_dir_for(corpus: Path, fallback: Path) -> Path:
+    """The corpus's own folder when it is writable, otherwise `fallback` (read-only data stays untouched)."""
+    return corpus.parent if os.access(corpus.parent, os.W_OK) else fallback
+
+
+def encode_corpus(
+    path: str | Path, cache_dir: str | Path | None = None, decode_errors: str = "strict"
+) -> EncodedCorpus:
+    """Encodes a text file to ids once, caches them, and memory-maps the cache.
+
+    The cache sits beside the corpus (or in `cache_dir` when the corpus folder is read-only). A small JSON
+    index records the corpus's size, modification time and sha256, so reopening an unchanged corpus costs
+    a stat and a memory map, not a pass over the file.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"The corpus file {path} does not exist; pass data.path=/path/to/corpus.txt.")
+    if path.is_dir():
+        raise DataError(f"The corpus path {path} is a directory; pass data.path= a text file inside it.")
+    if decode_errors not in ("strict", "replace", "ignore"):
+        raise ConfigError(f"data.decode_errors={decode_errors!r} is not one of strict, replace, ignore.")
+    stat = path.stat()
+    if stat.st_size == 0:
+        raise DataError(f"The corpus file {path} is empty; give it some text.")
+
+    folder = Path(cache_dir_for(path, Path(cache_dir) if cache_dir else path.parent))
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    index_path = folder / f"{path.name}.{key}.lmcache.json"
+    index = _read_json(index_path)
+    settings = {"format": CACHE_FORMAT, "decode_errors": decode_errors}
+
+    def cache_ok(idx: dict | None) -> bool:
+        return bool(idx) and all(idx.get(k) == v for k, v in settings.items()) and (folder / idx["ids_file"]).exists()
+
+    fresh = cache_ok(index) and index["size"] == stat.st_size and index["mtime_ns"] == stat.st_mtime_ns
+    if not fresh and cache_ok(index) and index["size"] == stat.st_size and _file_sha256(path) == index["sha256"]:
+        fresh = True  # touched but unchanged
+    if not fresh:
+        index = _build_cache(path, folder, index_path, decode_errors, settings)
+    ids = np.memmap(folder / index["ids_file"], dtype=np.dtype(index["dtype"]), mode="r")
+    return EncodedCorpus(ids=ids, tokenizer=CharTokenizer(index["vocab"]), sha256=index["sha256"])
+
+
+def _build_cache(path: Path, folder: Path, index_path: Path, decode_errors: str, settings: dict) -> dict:
+    stat = path.stat()
+    vocab, sha256 = _scan_vocabulary(path, decode_errors)
+    if not vocab:
+        raise DataError(f"The corpus file {path} has no characters after decoding; give it some text.")
+    tokenizer = CharTokenizer(vocab)
+    ids_name = f"{path.name}.{sha256[:16]}.{tokenizer.dtype.name}"
+
+    def write_ids(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            for text, _ in _decoded_chunks(path, decode_errors):
+                tokenizer.encode_codepoints(text_to_codepoints(text)).tofile(out)
+
+    write_atomically(folder / ids_name, write_ids)
+    index = {
+        **settings,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256": sha256,
+        "vocab": vocab,
+        "dtype": tokenizer.dtype.name,
+        "ids_file": ids_name,
+    }
+    write_atomically(index_path, lambda tmp: tmp.write_text(json.dumps(index, ensure_ascii=False)))
+    return index
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class RandomWindowBatches(IterableDataset):
+    """Training batches of random windows, each a whole (x, y) pair of int64 tensors of shape (B, T).
+
+    Batch number i is a pure function of (seed, rank, i), so a run resumed at step s draws exactly the
+    batches an uninterrupted run would have drawn; `start_index` tells where the run stands.
+    """
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        batch_size: int,
+        seq_length: int,
+        num_batches: int,
+        seed: int,
+        rank: int = 0,
+        start_index: Callable[[], int] = lambda: 0,
+    ):
+        self.ids, self.batch_size, self.seq_length = ids, batch_size, seq_length
+        self.num_batches, self.seed, self.rank, self.start_index = num_batches, seed, rank, start_index
+        self._window = np.arange(seq_length + 1)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, self.rank, index))
+        offsets = rng.integers(0, len(self.ids) - self.seq_length, size=self.batch_size)
+        block = torch.from_numpy(self.ids[offsets[:, None] + self._window].astype(np.int64))
+        return block[:, :-1], block[:, 1:]
+
+    def __iter__(self):
+        start = self.start_index()
+        for index in range(start, start + self.num_batches):
+            yield self.batch(index)
+
+
+class ValidationWindows(IterableDataset):
+    """Fixed, non-overlapping windows covering every target of the split exactly once.
+
+    The last window is aligned to the end of the split; targets it shares with the previous window are
+    masked with IGNORE_INDEX, so the token-weighted mean loss is exact. Windows are dealt round-robin to
+    ranks, so several processes together still count each target once.
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_length: int, rank: int = 0, world_size: int = 1):
+        self.ids, self.batch_size, self.seq_length = ids, batch_size, seq_length
+        n_targets = len(ids) - 1
+        starts = list(range(0, n_targets - seq_length + 1, seq_length))
+        covered = len(starts) * seq_length
+        self.masked_prefix = {}
+        if covered < n_targets:
+            last = n_targets - seq_length
+            self.masked_prefix[last] = covered - last
+            starts.append(last)
+        self.starts = starts[rank::world_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.starts) // self.batch_size)
+
+    def __iter__(self):
+        window = np.arange(self.seq_length + 1)
+        for i in range(0, len(self.starts), self.batch_size):
+            starts = np.array(self.starts[i : i + self.batch_size])
+            block = torch.from_numpy(self.ids[starts[:, None] + window].astype(np.int64))
+            x, y = block[:, :-1], block[:, 1:].clone()
+            for row, start in enumerate(starts.tolist()):
+                y[row, : self.masked_prefix.get(start, 0)] = IGNORE_INDEX
+            yield x, y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lightning data module
+
+
+class CharDataModule(L.LightningDataModule):
+    """A character corpus split into a training head and a contiguous validation tail.
+
+    Args:
+        path: the corpus file; None means Tiny Shakespeare in `data_dir`, downloaded once if missing.
+        data_dir: where the default corpus lives, and where id caches go when a corpus folder is read-only.
+        val_fraction: the share of the corpus (its tail) held out for validation, in (0, 1).
+        seq_length: characters of context per training window.
+        batch_size: windows per batch (per process).
+        seed: drives which windows training draws.
+        decode_errors: 'strict' rejects invalid UTF-8; 'replace' or 'ignore' handle it as Python does.
+        url, sha256: where the default corpus is downloaded from, and its checksum.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        data_dir: str = "data",
+        val_fraction: float = 0.1,
+        seq_length: int = 256,
+        batch_size: int = 64,
+        seed: int = 0,
+        decode_errors: str = "strict",
+        url: str = TINY_SHAKESPEARE_URL,
+        sha256: str | None = TINY_SHAKESPEARE_SHA256,
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1.")
+        for name, value in (("seq_length", seq_length), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"data.{name}={value} must be a positive integer.")
+        self.path, self.data_dir, self.val_fraction = path, Path(data_dir), val_fraction
+        self.seq_length, self.batch_size, self.seed = seq_length, batch_size, seed
+        self.decode_errors, self.url, self.sha256 = decode_errors, url, sha256
+        self.corpus: EncodedCorpus | None = None
+
+    @property
+    def corpus_path(self) -> Path:
+        if self.path is not None:
+            return Path(self.path).expanduser()
+        return self.data_dir / "tinyshakespeare.txt"
+
+    def prepare_data(self) -> None:
+        """Downloads the default corpus if it is missing and builds the id cache (safe to call repeatedly)."""
+        self.load()
+
+    def load(self) -> EncodedCorpus:
+        """Opens the corpus (downloading or encoding it first if needed) and checks both splits are usable."""
+        if self.corpus is None:
+            if self.path is None and not self.corpus_path.exists():
+                download(self.url, self.corpus_path, self.sha256)
+            corpus = encode_corpus(self.corpus_path, self.data_dir / "cache", self.decode_errors)
+            n_val = int(len(corpus.ids) * self.val_fraction)
+            for split, n in (("training", len(corpus.ids) - n_val), ("validation", n_val)):
+                if n < self.seq_length + 1:
+                    raise DataError(
+                        f"The {split} split of {self.corpus_path} has {n} characters, fewer than "
+                        f"data.seq_length + 1 = {self.seq_length + 1}; use a longer corpus, a shorter "
+                        "data.seq_length, or a different data.val_fraction."
+                    )
+            self.corpus = corpus
+        return self.corpus
+
+    @property
+    def tokenizer(self) -> CharTokenizer:
+        return self.load().tokenizer
+
+    def split(self, name: str) -> np.ndarray:
+        """The ids of the 'train' or 'val' split (views into the memory map, nothing copied)."""
+        ids = self.load().ids
+        n_train = len(ids) - int(len(ids) * self.val_fraction)
+        return ids[:n_train] if name == "train" else ids[n_train:]
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = self._rank()
+        train = self.split("train")
+        # An "epoch" is one pass's worth of tokens across all processes.
+        num_batches = max(1, len(train) // (self.batch_size * self.seq_length * world_size))
+        trainer = self.trainer
+
+        def start_index() -> int:
+            if trainer is None:
+                return 0
+            return trainer.global_step * trainer.accumulate_grad_batches
+
+        dataset = RandomWindowBatches(
+            train, self.batch_size, self.seq_length, num_batches, self.seed, rank, start_index
+        )
+        return DataLoader(dataset, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world_size = self._rank()
+        dataset = ValidationWindows(self.split("val"), self.batch_size, self.seq_length, rank, world_size)
+        return DataLoader(dataset, batch_size=None)

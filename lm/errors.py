@@ -1,0 +1,24 @@
+"""Exception types whose messages are written for the user.
+
+The scripts print these as one sentence and exit non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class LMError(Exception):
+    """Base class for problems a user can fix (bad input, bad config, missing files)."""
+
+
+class ConfigError(LMError):
+    """A configuration value is invalid."""
+
+
+class DataError(LMError):
+    """The corpus is missing, unreadable, or too small for the requested setup."""
+
+
+class CheckpointError(LMError):
+    """A checkpoint is missing, damaged, or not from this project."""
+
+
+class TrainingDivergedError(LMError):
+    """The training loss became NaN or infinite."""

@@ -1,0 +1,100 @@
+"""Sampling text from a trained `Transformer`, incrementally with a KV cache or by recomputing the context."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lm.errors import ConfigError
+from lm.model import KVCache, Transformer
+from lm.tokenizer import CharTokenizer
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Rejects sampling settings that make no sense, with one sentence each."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be a non-negative integer.")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy decoding).")
+    if top_k is not None and top_k <= 0:
+        raise ConfigError(f"top_k={top_k} must be a positive integer, or null to disable it.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1], or null to disable it.")
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Picks one id per row of `logits` (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the top token always stays
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    tokenizer: CharTokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    kv_cache: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> list[str]:
+    """Continues `prompt` `num_samples` times and returns the prompts with their continuations.
+
+    With `kv_cache`, each new character costs one position's worth of compute. When the text outgrows the
+    model's context, the cache is rebuilt from the most recent half context, so generation never stops;
+    without the cache, every step recomputes the last `seq_length` characters. `on_token` receives each new
+    batch of ids (shape (num_samples,)) as it is made, for streaming. An empty prompt starts from a newline.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    prompt = prompt or "\n"
+    device = next(model.parameters()).device
+    context_length = model.config.seq_length
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.from_numpy(tokenizer.encode(prompt).astype("int64")).to(device).repeat(num_samples, 1)
+    was_training = model.training
+    model.eval()
+    cache = None
+
+    def logits_for_next() -> torch.Tensor:
+        nonlocal cache
+        if not kv_cache:
+            return model(tokens[:, -context_length:])[:, -1]
+        if cache is None or cache.length >= context_length:
+            # (re)fill the cache from the recent context; refilling only when full keeps this rare
+            cache = KVCache(model.config, num_samples, context_length, device, model.token_embedding.weight.dtype)
+            keep = tokens.shape[1] if tokens.shape[1] <= context_length and cache is None else context_length // 2
+            keep = min(keep, tokens.shape[1])
+            return model(tokens[:, -keep:], cache)[:, -1]
+        return model(tokens[:, -1:], cache)[:, -1]
+
+    try:
+        for _ in range(max_new_tokens):
+            next_ids = sample_next(logits_for_next(), temperature, top_k, top_p, generator)
+            tokens = torch.cat([tokens, next_ids], dim=1)
+            if on_token is not None:
+                on_token(next_ids[:, 0])
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode(row) for row in tokens.cpu()]

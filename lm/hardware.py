@@ -1,0 +1,64 @@
+"""What the machine can do: bf16 support and the measured matrix-multiply peak."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (AVX-512 BF16 or AMX), where bf16 matmuls beat fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def bf16_supported(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return cpu_supports_bf16()
+    return False
+
+
+def resolve_precision(requested: str | None, device_type: str) -> tuple[str, str]:
+    """The Lightning precision to use, and a line saying why.
+
+    `None` or 'auto' picks bf16 mixed precision (weights, loss and optimizer state stay fp32) where the
+    hardware has native bf16, else full fp32. An explicit value is used as given.
+    """
+    if requested not in (None, "auto"):
+        return str(requested), f"precision {requested} (as requested)"
+    if bf16_supported(device_type):
+        return "bf16-mixed", f"precision bf16-mixed (native bf16 found on {device_type})"
+    return "32-true", f"precision 32-true: no native bf16 on this {device_type}, so bf16 would be slow or unsupported"
+
+
+def training_device_type(accelerator: str) -> str:
+    """The device type Lightning's 'auto' accelerator will pick."""
+    if accelerator in ("auto", "gpu"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return accelerator
+
+
+def measure_matmul_peak(dtype: torch.dtype, device: str = "cpu", size: int = 2048, seconds: float = 0.5) -> float:
+    """Measured FLOP/s of a square matrix product in `dtype`: the denominator for model FLOPs utilisation."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    a @ b  # warm-up
+    sync()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or runs < 3:
+        a @ b
+        runs += 1
+        sync()
+    return 2 * size**3 * runs / (time.perf_counter() - start)

@@ -1,0 +1,312 @@
+"""A decoder-only Transformer in plain torch.nn: the whole model in one file.
+
+token embedding (+ absolute positions) -> n_layer x [x + attn(ln(x)); x + mlp(ln(x))] -> ln -> tied head
+
+Positional encodings: `learned` and `sinusoidal` add a vector to each token embedding; `rope` rotates the
+queries and keys inside every attention layer instead. A `KVCache` makes generation incremental.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.errors import ConfigError
+
+POSITIONAL_ENCODINGS = ("learned", "sinusoidal", "rope")
+INITS = ("gpt2", "pytorch")
+
+
+@dataclass
+class PositionalEncodingConfig:
+    """Which positional encoding to use; `base` is RoPE's frequency base (ignored by the others)."""
+
+    name: str = "rope"
+    base: float = 10000.0
+
+
+@dataclass
+class TransformerConfig:
+    """Everything that fixes the model's shape; saved in every checkpoint."""
+
+    vocab_size: int
+    seq_length: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False
+    init: str = "gpt2"
+    pos_encoding: PositionalEncodingConfig = field(default_factory=PositionalEncodingConfig)
+
+    def __post_init__(self):
+        if isinstance(self.pos_encoding, dict):
+            self.pos_encoding = PositionalEncodingConfig(**self.pos_encoding)
+        for name in ("vocab_size", "seq_length", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name}={value} must be a positive integer.")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                "pick sizes so that each head gets n_embd / n_head channels."
+            )
+        if self.pos_encoding.name not in POSITIONAL_ENCODINGS:
+            raise ConfigError(
+                f"pos_encoding={self.pos_encoding.name!r} is not one of {', '.join(POSITIONAL_ENCODINGS)}."
+            )
+        if self.pos_encoding.name == "rope" and self.head_dim % 2:
+            raise ConfigError(
+                f"RoPE needs an even head size, but n_embd / n_head = {self.head_dim}; change model.n_embd or "
+                "model.n_head."
+            )
+        if self.init not in INITS:
+            raise ConfigError(f"model.init={self.init!r} is not one of {', '.join(INITS)}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1).")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ContextTooLongError(ValueError):
+    """A sequence is longer than the positional encoding can index (learned absolute positions)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Positional encodings
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(pos / 10000^(2i/dim)) (Vaswani et al.)."""
+    position = torch.arange(length, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)[:, : dim // 2]
+    return table.float()
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """One trained vector per absolute position; cannot go past `max_length`."""
+
+    def __init__(self, max_length: int, dim: int):
+        super().__init__()
+        self.max_length = max_length
+        self.weight = nn.Parameter(torch.zeros(max_length, dim))
+
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        if start + length > self.max_length:
+            raise ContextTooLongError(
+                f"learned positions only go up to {self.max_length}; position {start + length - 1} was asked for"
+            )
+        return self.weight[start : start + length]
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """The fixed sin/cos encoding; the table grows on demand, so any length works."""
+
+    def __init__(self, dim: int, initial_length: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("table", sinusoidal_table(initial_length, dim), persistent=False)
+
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        if start + length > self.table.shape[0]:
+            self.table = sinusoidal_table(2 * (start + length), self.dim).to(self.table.device)
+        return self.table[start : start + length]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al., RoFormer) in the rotate-half layout.
+
+    Channel pairs (i, i + d/2) of each query and key are rotated by the angle pos * base^(-2i/d), so the dot
+    product of a rotated query and key depends only on their offset. cos/sin are cached and grow on demand.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, initial_length: int = 256):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._build(initial_length)
+
+    def _build(self, length: int) -> None:
+        angles = torch.arange(length, dtype=torch.float64, device=self.inv_freq.device)[:, None] * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Rotates `x` of shape (B, H, T, D) whose first position is `start`."""
+        length = x.shape[-2]
+        if start + length > self.cos.shape[0]:
+            self._build(2 * (start + length))
+        cos = self.cos[start : start + length].to(x.dtype)
+        sin = self.sin[start : start + length].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transformer
+
+
+# On CPU, PyTorch's fused (flash) attention kernel is slower than plain matmul + softmax up to this length
+# (bf16, training step: 3.4x slower at 128, 1.1x at 256; see README "Performance"); past it, the fused
+# kernel's lower memory wins.
+EXPLICIT_ATTENTION_MAX_LENGTH = 256
+
+
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v, written out; the same result as the fused SDPA kernel."""
+    T = q.shape[-2]
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return F.dropout(probs, dropout_p) @ v if dropout_p > 0 else probs @ v
+
+
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far, preallocated up to `max_length`."""
+
+    def __init__(self, config: TransformerConfig, batch_size: int, max_length: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.n_head, self.head_dim, self.layer = config.n_head, config.head_dim, layer
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        start = cache.length if cache is not None else 0
+        if rope is not None:
+            q, k = rope(q, start), rope(k, start)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None and x.device.type == "cpu" and T <= EXPLICIT_ATTENTION_MAX_LENGTH:
+            y = explicit_causal_attention(q, k, v, dropout_p)
+        elif cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            cache.keys[self.layer, :, :, start : start + T] = k
+            cache.values[self.layer, :, :, start : start + T] = v
+            k = cache.keys[self.layer, :, :, : start + T]
+            v = cache.values[self.layer, :, :, : start + T]
+            # query i sits at absolute position start + i and may see keys 0 .. start + i
+            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: attention, then MLP."""
+
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """Character-level decoder-only Transformer with a pluggable positional encoding."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        pe = config.pos_encoding
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position = None
+        self.rope = None
+        if pe.name == "learned":
+            self.position = LearnedPositionalEmbedding(config.seq_length, config.n_embd)
+        elif pe.name == "sinusoidal":
+            self.position = SinusoidalPositionalEncoding(config.n_embd, config.seq_length)
+        else:
+            self.rope = RotaryEmbedding(config.head_dim, pe.base, config.seq_length)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head.weight = self.token_embedding.weight  # tied input and output embeddings
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialises weights per `config.init`: 'gpt2' (N(0, 0.02), residual projections scaled down by
+        1/sqrt(2 n_layer) so the residual stream's variance does not grow with depth) or 'pytorch' (each
+        module's own default)."""
+        if self.config.init == "pytorch":
+            for module in self.modules():
+                if module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            if isinstance(self.position, LearnedPositionalEmbedding):
+                nn.init.normal_(self.position.weight)
+            return
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif "ln" in name:
+                nn.init.ones_(param)
+            elif name.endswith("proj.weight"):
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(param, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits of shape (B, T, vocab_size) for token ids `idx` of shape (B, T).
+
+        With a `cache`, `idx` continues the sequence already in it and the cache advances by T positions.
+        """
+        T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_length:
+            raise ContextTooLongError(f"the KV cache holds {cache.max_length} positions; {start + T} were asked for")
+        x = self.token_embedding(idx)
+        if self.position is not None:
+            x = x + self.position(start, T)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, self.rope, cache)
+        if cache is not None:
+            cache.length += T
+        return self.head(self.ln_f(x))

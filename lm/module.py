@@ -1,0 +1,124 @@
+"""The LightningModule: loss, metrics, optimizer groups and the learning-rate schedule around a `Transformer`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.throughput import measure_flops
+from torchmetrics import MeanMetric
+
+from lm.data import IGNORE_INDEX
+from lm.errors import TrainingDivergedError
+from lm.model import Transformer, TransformerConfig
+from lm.tokenizer import CharTokenizer
+
+CHECKPOINT_KEY = "transformer_lm"  # where a checkpoint carries the model config and vocabulary
+CHECKPOINT_FORMAT = 1
+
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+
+
+def cosine_schedule(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module) -> list[dict]:
+    """Matrices (linear and embedding weights) get the optimizer's weight decay; biases and norms get none."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LanguageModel(L.LightningModule):
+    """Trains a `Transformer` on next-character prediction.
+
+    Logs `train/loss`, and over the whole validation split `val/loss` (token-weighted mean cross-entropy,
+    in nats), `val/ppl` (its exponential) and `val/bpc` (bits per character, loss / ln 2).
+
+    Args:
+        config: the model's shape.
+        vocab: the tokenizer's vocabulary, stored in every checkpoint so decoding needs no corpus.
+        optimizer: builds the optimizer from parameter groups (e.g. a partial of torch.optim.AdamW); its
+            weight decay applies to weight matrices only.
+        warmup_steps, min_lr_ratio: the learning-rate schedule (see `cosine_schedule`).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vocab: str,
+        optimizer: OptimizerFactory,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+    ):
+        super().__init__()
+        self.config = config
+        self.tokenizer = CharTokenizer(vocab)
+        self.model = Transformer(config)
+        self.optimizer_factory = optimizer
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.val_loss = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # FLOPs of one training batch (forward + backward), counted on a weightless meta-device copy;
+            # the throughput monitor turns this into MFU.
+            datamodule = self.trainer.datamodule
+            with torch.device("meta"):
+                meta_model = Transformer(self.config)
+                x = torch.zeros(datamodule.batch_size, datamodule.seq_length, dtype=torch.long)
+                self.flops_per_batch = measure_flops(meta_model, lambda: meta_model(x), lambda y: y.sum())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(*batch)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"The training loss became {loss.item()} at step {self.global_step}; lower optimizer.lr or keep "
+                "gradient clipping on (trainer.gradient_clip_val). Checkpoints written before this step are intact."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        n_targets = (y != IGNORE_INDEX).sum()
+        self.val_loss.update(self.loss(x, y), weight=n_targets)
+
+    def on_validation_epoch_end(self):
+        loss = self.val_loss.compute()  # synchronised across processes
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss))
+        self.log("val/bpc", loss / math.log(2))
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(parameter_groups(self.model))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_schedule(step, self.warmup_steps, total_steps, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": self.config.to_dict(),
+            "vocab": self.tokenizer.vocab,
+        }

@@ -1,0 +1,87 @@
+"""Every value of every config group composes with the rest and instantiates."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import _common  # noqa: E402,F401  (registers the resolvers the configs use)
+
+from lm.model import Transformer, TransformerConfig  # noqa: E402
+
+GROUPS = {
+    group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    for group in (
+        "data",
+        "model",
+        "pos_encoding",
+        "optimizer",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "debug",
+        "experiment",
+    )
+}
+
+
+def compose_train(tmp_path, overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        cfg.paths.data_dir = str(tmp_path / "data")
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+def test_every_group_has_options():
+    for group, options in GROUPS.items():
+        assert options, f"conf/{group} has no options"
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_group_option_composes_and_instantiates(group, option, tmp_path, corpus):
+    cfg = compose_train(tmp_path, [f"{group}={option}", f"data.path={corpus}"])
+    OmegaConf.resolve(cfg)
+    datamodule = instantiate(cfg.data)
+    model_cfg = OmegaConf.to_container(cfg.model)
+    model_cfg.pop("compile")
+    model = Transformer(TransformerConfig(vocab_size=datamodule.tokenizer.vocab_size, **model_cfg))
+    optimizer = instantiate(cfg.optimizer)([{"params": list(model.parameters())}])
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    for name, logger_cfg in cfg.logger.items():
+        if name == "wandb":
+            pytest.importorskip("wandb")
+        assert instantiate(logger_cfg) is not None
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer_cfg = OmegaConf.to_container(cfg.trainer)
+    trainer_cfg["precision"] = "32-true" if trainer_cfg["precision"] == "auto" else trainer_cfg["precision"]
+    if trainer_cfg.get("strategy", "").startswith("ddp"):
+        trainer_cfg["devices"] = 1  # constructing a 2-process trainer is covered by the DDP test
+    trainer = instantiate(trainer_cfg, logger=False, callbacks=callbacks)
+    assert trainer.max_steps != 0
+
+
+def test_pos_encoding_lands_under_the_model(tmp_path):
+    cfg = compose_train(tmp_path, ["pos_encoding=rope", "model.pos_encoding.base=500"])
+    assert cfg.model.pos_encoding.name == "rope" and cfg.model.pos_encoding.base == 500
+    cfg = compose_train(tmp_path, ["pos_encoding=learned", "model=base"])
+    assert cfg.model.pos_encoding.name == "learned" and cfg.model.n_layer == 6
+
+
+def test_optimizers_have_their_own_learning_rates(tmp_path):
+    adamw = compose_train(tmp_path, ["optimizer=adamw"]).optimizer.lr
+    adafactor = compose_train(tmp_path, ["optimizer=adafactor"]).optimizer.lr
+    assert adafactor > 3 * adamw

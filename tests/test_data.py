@@ -1,0 +1,208 @@
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lm.data import IGNORE_INDEX, CharDataModule, RandomWindowBatches, ValidationWindows, download, encode_corpus
+from lm.errors import ConfigError, DataError
+from lm.tokenizer import CharTokenizer
+
+
+def test_tokenizer_round_trip_including_non_ascii():
+    text = "Hello, wörld!\nΚαλημέρα 😀 tabs\tand spaces"
+    tok = CharTokenizer.from_text(text)
+    assert tok.vocab == "".join(sorted(set(text)))
+    ids = tok.encode(text)
+    assert ids.dtype == np.uint8 and len(ids) == len(text)
+    assert tok.decode(ids) == text
+    assert tok.decode(torch.from_numpy(ids.astype(np.int64))) == text
+
+
+def test_tokenizer_names_unknown_characters():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(DataError, match="'z'"):
+        tok.encode("abz")
+
+
+def test_tokenizer_uses_uint16_for_large_vocabularies():
+    text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 300))
+    tok = CharTokenizer.from_text(text)
+    assert tok.dtype == np.uint16
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_encode_corpus_caches_ids_and_reopens_without_rebuilding(corpus):
+    text = corpus.read_text()
+    first = encode_corpus(corpus)
+    assert first.tokenizer.decode(np.asarray(first.ids)) == text
+    ids_files = list(corpus.parent.glob("corpus.txt.*.uint8"))
+    assert len(ids_files) == 1
+    mtime = ids_files[0].stat().st_mtime_ns
+    second = encode_corpus(corpus)
+    assert ids_files[0].stat().st_mtime_ns == mtime
+    assert np.array_equal(np.asarray(first.ids), np.asarray(second.ids))
+    # a changed corpus gets a new cache
+    corpus.write_text(text + "Zebra!")
+    third = encode_corpus(corpus)
+    assert third.tokenizer.decode(np.asarray(third.ids)).endswith("Zebra!")
+
+
+def test_encode_corpus_streams_in_chunks(monkeypatch, tmp_path):
+    # multi-byte characters split across chunk boundaries must survive
+    import lm.data
+
+    monkeypatch.setattr(lm.data, "CHUNK_BYTES", 7)
+    text = "ab€cdé😀fg\n" * 50
+    path = tmp_path / "u.txt"
+    path.write_text(text, encoding="utf-8")
+    corpus = encode_corpus(path)
+    assert corpus.tokenizer.decode(np.asarray(corpus.ids)) == text
+
+
+def test_cache_goes_to_fallback_when_folder_is_not_writable(corpus, tmp_path, monkeypatch):
+    import lm.data
+
+    real_access = os.access
+    monkeypatch.setattr(
+        lm.data.os, "access", lambda p, mode: False if Path(p) == corpus.parent else real_access(p, mode)
+    )
+    fallback = tmp_path / "cache"
+    encode_corpus(corpus, cache_dir=fallback)
+    assert list(fallback.glob("corpus.txt.*.uint8"))
+    assert not list(corpus.parent.glob("corpus.txt.*.uint8"))
+
+
+def test_invalid_utf8_names_byte_offset_and_can_be_replaced(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"hello world" + b"\xff" + b" more text")
+    with pytest.raises(DataError, match="byte offset 11"):
+        encode_corpus(path)
+    corpus = encode_corpus(path, decode_errors="replace")
+    assert "\ufffd" in corpus.tokenizer.vocab
+
+
+@pytest.mark.parametrize("make", ["missing", "directory", "empty"])
+def test_bad_corpus_paths_are_reported(tmp_path, make):
+    path = tmp_path / "c.txt"
+    if make == "directory":
+        path.mkdir()
+    elif make == "empty":
+        path.write_text("")
+    with pytest.raises(DataError, match=make if make != "missing" else "does not exist"):
+        encode_corpus(path)
+
+
+def test_split_sizes_and_too_short_splits(corpus):
+    dm = CharDataModule(path=str(corpus), val_fraction=0.1, seq_length=16, batch_size=4)
+    n = len(corpus.read_text())
+    assert len(dm.split("val")) == int(n * 0.1)
+    assert len(dm.split("train")) + len(dm.split("val")) == n
+    with pytest.raises(DataError, match="validation split"):
+        CharDataModule(path=str(corpus), val_fraction=0.001, seq_length=64).load()
+
+
+@pytest.mark.parametrize("kwargs", [{"val_fraction": 0}, {"val_fraction": 1.0}, {"seq_length": 0}, {"batch_size": -1}])
+def test_bad_data_settings_are_rejected(kwargs):
+    with pytest.raises(ConfigError):
+        CharDataModule(**kwargs)
+
+
+def test_training_windows_shapes_targets_and_determinism(corpus):
+    dm = CharDataModule(path=str(corpus), seq_length=32, batch_size=8, seed=3)
+    train = dm.split("train")
+    batches = RandomWindowBatches(train, 8, 32, num_batches=5, seed=3)
+    x, y = batches.batch(0)
+    assert x.shape == y.shape == (8, 32) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    # each row is a real window of the corpus
+    ids = torch.from_numpy(np.asarray(train).astype(np.int64))
+    row = x[0]
+    starts = [s for s in range(len(ids) - 32) if torch.equal(ids[s : s + 32], row)]
+    assert starts and torch.equal(ids[starts[0] + 1 : starts[0] + 33], y[0])
+    # batch i depends only on (seed, rank, i)
+    again = RandomWindowBatches(train, 8, 32, num_batches=5, seed=3, start_index=lambda: 2)
+    assert torch.equal(next(iter(again))[0], batches.batch(2)[0])
+    assert not torch.equal(batches.batch(0)[0], batches.batch(1)[0])
+    assert len(list(batches)) == 5
+
+
+@pytest.mark.parametrize("n_val,seq_length", [(101, 10), (105, 10), (11, 10), (57, 8)])
+def test_validation_windows_cover_every_target_once(n_val, seq_length):
+    ids = np.arange(n_val, dtype=np.int64) % 251
+    counted = 0
+    targets_seen = []
+    for world_size in (1, 3):
+        total = 0
+        for rank in range(world_size):
+            for x, y in ValidationWindows(ids, batch_size=4, seq_length=seq_length, rank=rank, world_size=world_size):
+                assert x.shape[1] == seq_length
+                assert torch.equal(x[:, 1:], torch.where(y[:, :-1] == IGNORE_INDEX, x[:, 1:], y[:, :-1]))
+                valid = y[y != IGNORE_INDEX]
+                total += valid.numel()
+                if world_size == 1:
+                    targets_seen.extend(valid.tolist())
+        assert total == n_val - 1
+        counted += total
+    assert sorted(targets_seen) == sorted((np.arange(1, n_val) % 251).tolist())
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = lambda *a, **k: _Handler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_checks_sha256_and_writes_atomically(http_root, tmp_path):
+    import hashlib
+
+    root, url = http_root
+    body = b"To be, or not to be\n" * 100
+    (root / "corpus.txt").write_bytes(body)
+    dest = tmp_path / "data" / "corpus.txt"
+    download(f"{url}/corpus.txt", dest, hashlib.sha256(body).hexdigest())
+    assert dest.read_bytes() == body
+
+    bad = tmp_path / "data" / "bad.txt"
+    with pytest.raises(DataError, match="sha256"):
+        download(f"{url}/corpus.txt", bad, "0" * 64)
+    assert not bad.exists()
+    assert not [p for p in bad.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_data_module_downloads_default_corpus_once(http_root, tmp_path):
+    import hashlib
+
+    from conftest import make_corpus_text
+
+    root, url = http_root
+    body = make_corpus_text().encode()
+    (root / "input.txt").write_bytes(body)
+    dm = CharDataModule(
+        data_dir=str(tmp_path / "data"), url=f"{url}/input.txt", sha256=hashlib.sha256(body).hexdigest(), seq_length=16
+    )
+    assert dm.tokenizer.vocab_size == len(set(body.decode()))
+    (root / "input.txt").unlink()  # a second data module must not need the network
+    dm2 = CharDataModule(data_dir=str(tmp_path / "data"), url=f"{url}/input.txt", seq_length=16)
+    assert dm2.tokenizer.vocab == dm.tokenizer.vocab
+
+
+def test_offline_without_a_copy_says_where_to_put_the_file(tmp_path):
+    dm = CharDataModule(data_dir=str(tmp_path / "data"), url="http://127.0.0.1:9/none.txt")
+    with pytest.raises(DataError, match="data.path="):
+        dm.load()

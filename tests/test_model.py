@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from lm.errors import ConfigError
+from lm.model import (
+    POSITIONAL_ENCODINGS,
+    ContextTooLongError,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+    Transformer,
+    TransformerConfig,
+    explicit_causal_attention,
+)
+
+
+def tiny_config(pe: str = "rope", **kw) -> TransformerConfig:
+    base = dict(vocab_size=11, seq_length=16, n_layer=2, n_head=2, n_embd=16, pos_encoding={"name": pe})
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
+def test_logits_shape_and_tied_head(pe):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(pe))
+    logits = model(torch.randint(0, 11, (3, 16)))
+    assert logits.shape == (3, 16, 11)
+    assert model.head.weight is model.token_embedding.weight
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
+@pytest.mark.parametrize("length", [12, 300])  # 300 > 256 exercises the fused attention kernel
+def test_causality_future_tokens_do_not_change_past_logits(pe, length):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(pe, seq_length=length)).eval()
+    idx = torch.randint(0, 11, (2, length))
+    t = length // 2
+    changed = idx.clone()
+    changed[:, t + 1 :] = torch.randint(0, 11, (2, length - t - 1))
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-5)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :], atol=1e-5)
+
+
+def test_explicit_attention_matches_fused_kernel():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(explicit_causal_attention(q, k, v, 0.0), expected, atol=1e-5)
+
+
+def test_rope_preserves_norms_and_scores_depend_only_on_offset():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(head_dim=8, base=10000.0, initial_length=4)
+    x = torch.randn(1, 1, 50, 8)
+    rotated = rope(x)  # also grows the cos/sin cache past its initial length
+    assert torch.allclose(rotated.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m: int, n: int) -> float:
+        qm = rope(q.view(1, 1, 1, 8), start=m)
+        kn = rope(k.view(1, 1, 1, 8), start=n)
+        return float((qm * kn).sum())
+
+    assert score(3, 1) == pytest.approx(score(12, 10), abs=1e-4)
+    assert score(20, 5) == pytest.approx(score(35, 20), abs=1e-4)
+    assert score(3, 1) != pytest.approx(score(4, 1), abs=1e-4)
+    assert rope(x[:, :, 10:20], start=10).allclose(rotated[:, :, 10:20], atol=1e-6)
+
+
+def test_rope_base_changes_the_rotation():
+    x = torch.randn(1, 1, 10, 8)
+    assert not torch.allclose(RotaryEmbedding(8, 10000.0)(x), RotaryEmbedding(8, 500.0)(x))
+
+
+def test_sinusoidal_matches_its_formula():
+    dim = 6
+    pe = SinusoidalPositionalEncoding(dim, initial_length=4)
+    table = pe(0, 40)  # grows on demand
+    for pos in (0, 1, 7, 39):
+        for i in range(dim // 2):
+            angle = pos / 10000 ** (2 * i / dim)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    assert torch.equal(pe(5, 3), table[5:8])
+
+
+def test_learned_positions_refuse_positions_past_their_table():
+    model = Transformer(tiny_config("learned"))
+    with pytest.raises(ContextTooLongError):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(n_embd=64, n_head=4, n_layer=8, vocab_size=50))
+    std = model.blocks[0].mlp.proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.2)
+    assert model.blocks[0].mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    default = Transformer(tiny_config(n_embd=64, n_head=4, n_layer=8, vocab_size=50, init="pytorch"))
+    assert default.blocks[0].mlp.fc.weight.std().item() > 0.05
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"n_embd": 10, "n_head": 4}, "divisible"),
+        ({"n_embd": 6, "n_head": 2}, "even head size"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"n_head": -1}, "n_head"),
+        ({"seq_length": 0}, "seq_length"),
+        ({"init": "xavier"}, "init"),
+        ({"pos_encoding": {"name": "alibi"}}, "pos_encoding"),
+    ],
+)
+def test_bad_model_configs_are_rejected(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_config(**kw)

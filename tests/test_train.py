@@ -1,0 +1,135 @@
+"""End-to-end training through scripts/train.py, and a tiny model overfitting a tiny corpus."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lm.data import CharDataModule
+from lm.model import TransformerConfig
+from lm.module import CHECKPOINT_KEY, LanguageModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model=tiny",
+    "data.seq_length=32",
+    "data.batch_size=8",
+    "trainer.val_check_interval=100",
+    "callbacks.text_sample.max_new_tokens=20",
+    "callbacks.throughput.peak_flops=null",
+]
+
+
+def run_train(args, tmp_path, check=True):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        *flags,
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        *overrides,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
+    run_train(
+        [
+            "-m",
+            f"data.path={corpus}",
+            *TINY,
+            "trainer.max_steps=12",
+            "pos_encoding=learned,sinusoidal,rope",
+            "optimizer=adamw,adafactor",
+        ],
+        tmp_path,
+    )
+    sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
+    assert len(sweeps) == 1, "all jobs share one sweep dir"
+    runs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(runs) == 6
+    for run in runs:
+        assert "pos_encoding=" in run.name and "optimizer=" in run.name  # the TensorBoard run names its overrides
+        for ckpt in ("best.ckpt", "last.ckpt"):
+            checkpoint = torch.load(run / "checkpoints" / ckpt, map_location="cpu", weights_only=True)
+            assert checkpoint[CHECKPOINT_KEY]["vocab"] == "".join(sorted(set(corpus.read_text())))
+        values = scalars(run)
+        for tag in ("train/loss", "val/loss", "val/ppl", "val/bpc"):
+            assert values.get(tag), f"{run.name} logged no {tag}"
+        # 12 steps < val_check_interval, yet the run ends with a full validation pass
+        assert len(values["val/loss"]) == 1
+        assert values["val/bpc"][-1] == pytest.approx(values["val/loss"][-1] / 0.6931471805599453, rel=1e-4)
+        assert (run / "sample.txt").read_text()
+
+
+def test_training_by_epochs(tmp_path, corpus):
+    result = run_train(
+        [f"data.path={corpus}", *TINY, "logger=csv", "trainer.max_steps=-1", "trainer.max_epochs=2"], tmp_path
+    )
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    steps_per_epoch = (len(corpus.read_text()) - int(len(corpus.read_text()) * 0.1)) // (8 * 32)
+    assert checkpoint["global_step"] == 2 * steps_per_epoch
+    assert (run / "csv" / "metrics.csv").read_text().count("val/loss") == 1
+    assert "val/loss=" in result.stderr
+
+
+def test_tiny_model_overfits_a_tiny_repeated_corpus(tmp_path):
+    path = tmp_path / "repeat.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    L.seed_everything(0, verbose=False)
+    datamodule = CharDataModule(path=str(path), seq_length=32, batch_size=16, seed=0)
+    config = TransformerConfig(
+        vocab_size=datamodule.tokenizer.vocab_size, seq_length=32, n_layer=2, n_head=2, n_embd=32
+    )
+    module = LanguageModel(
+        config,
+        datamodule.tokenizer.vocab,
+        optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0),
+        warmup_steps=10,
+    )
+    trainer = L.Trainer(
+        max_steps=150,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=150,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        precision="32-true",
+    )
+    batch = datamodule.train_dataloader().dataset.batch(0)
+    with torch.no_grad():
+        initial = float(module.loss(*batch))
+    trainer.fit(module, datamodule=datamodule)
+    with torch.no_grad():
+        final = float(module.loss(*batch))
+    assert initial > 2.5  # about ln(vocab size) at initialisation
+    assert final < 0.3 and float(trainer.callback_metrics["val/loss"]) < 0.3
+
+
+def test_bad_input_exits_with_one_clear_sentence(tmp_path):
+    result = run_train([f"data.path={tmp_path / 'nope.txt'}", "model=tiny"], tmp_path, check=False)
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
