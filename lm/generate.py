@@ -82,10 +82,10 @@ def generate(
         if not kv_cache:
             return model(tokens[:, -context_length:])[:, -1]
         if cache is None or cache.length >= context_length:
-            # (re)fill the cache from the recent context; refilling only when full keeps this rare
+            # (re)fill the cache: at first from the whole prompt (up to a full context); once full, from the most
+            # recent half context, so refills stay rare
+            keep = tokens.shape[1] if cache is None and tokens.shape[1] <= context_length else context_length // 2
             cache = KVCache(model.config, num_samples, context_length, device, model.token_embedding.weight.dtype)
-            keep = tokens.shape[1] if tokens.shape[1] <= context_length and cache is None else context_length // 2
-            keep = min(keep, tokens.shape[1])
             return model(tokens[:, -keep:], cache)[:, -1]
         return model(tokens[:, -1:], cache)[:, -1]
 

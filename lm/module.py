@@ -11,13 +11,11 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import measure_flops
 from torchmetrics import MeanMetric
 
+from lm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from lm.data import IGNORE_INDEX
 from lm.errors import TrainingDivergedError
 from lm.model import Transformer, TransformerConfig
 from lm.tokenizer import CharTokenizer
-
-CHECKPOINT_KEY = "transformer_lm"  # where a checkpoint carries the model config and vocabulary
-CHECKPOINT_FORMAT = 1
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
@@ -121,4 +119,18 @@ class LanguageModel(L.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "model_config": self.config.to_dict(),
             "vocab": self.tokenizer.vocab,
+            "data": self.data_info(),
+        }
+
+    def data_info(self) -> dict:
+        """Which corpus and split this model was trained on, so evaluation can find the validation split."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or datamodule.corpus is None:
+            return {}
+        return {
+            "path": str(datamodule.corpus_path.resolve()),
+            "sha256": datamodule.corpus.sha256,
+            "val_fraction": datamodule.val_fraction,
+            "seq_length": datamodule.seq_length,
+            "batch_size": datamodule.batch_size,
         }

@@ -15,7 +15,8 @@ def make_corpus_text(n_chars: int = 6000, seed: int = 0) -> str:
     words = ["the", "king", "queen", "lord", "of", "and", "to", "my", "thou", "art", "shall", "be", "love"]
     lines = []
     while sum(len(line) + 1 for line in lines) < n_chars:
-        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + ".")
+        line = " ".join(rng.choice(words) + rng.choice(["", "", "", ","]) for _ in range(rng.randint(3, 9)))
+        lines.append(line.rstrip(",").capitalize() + rng.choice([".", ".", "!", "?"]))
     return "\n".join(lines)[:n_chars]
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lm.checkpoint import CHECKPOINT_KEY
 from lm.data import CharDataModule
 from lm.model import TransformerConfig
-from lm.module import CHECKPOINT_KEY, LanguageModel
+from lm.module import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -68,7 +69,7 @@ def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
     runs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(runs) == 6
     for run in runs:
-        assert "pos_encoding=" in run.name and "optimizer=" in run.name  # the TensorBoard run names its overrides
+        assert "pos_encoding-" in run.name and "optimizer-" in run.name  # the TensorBoard run names its overrides
         for ckpt in ("best.ckpt", "last.ckpt"):
             checkpoint = torch.load(run / "checkpoints" / ckpt, map_location="cpu", weights_only=True)
             assert checkpoint[CHECKPOINT_KEY]["vocab"] == "".join(sorted(set(corpus.read_text())))

@@ -1,0 +1,98 @@
+"""Loss, perplexity and bits per character of a checkpoint, at one or several context lengths.
+
+    python scripts/evaluate.py ckpt=outputs/runs/<run>/
+    python scripts/evaluate.py ckpt=outputs/runs/<run>/ context_lengths=[64,128,256,512]
+    python scripts/evaluate.py ckpt=path/to/best.ckpt data.path=other_text.txt
+
+Prints a Markdown table and writes it, with a JSON copy, next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from _common import CONFIG_DIR, ROOT, report_errors
+from omegaconf import DictConfig
+
+from lm.checkpoint import CHECKPOINT_KEY, load_model, read_checkpoint
+from lm.data import encode_corpus
+from lm.errors import ConfigError, DataError
+from lm.evaluate import evaluate, results_table
+from lm.hardware import bf16_supported
+
+
+@report_errors
+def run(cfg: DictConfig) -> list[dict]:
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    checkpoint, ckpt_path = read_checkpoint(cfg.ckpt)
+    data_info = checkpoint[CHECKPOINT_KEY].get("data", {})
+    del checkpoint
+    model, tokenizer = load_model(ckpt_path, device=device)
+
+    if cfg.data.path is not None:
+        source = Path(cfg.data.path).expanduser()
+        if not source.is_file():
+            raise DataError(f"The evaluation file {source} does not exist; pass data.path= a text file.")
+        ids = tokenizer.encode(source.read_text(encoding="utf-8"))
+        split = f"all of {source}"
+    else:
+        corpus_path = data_info.get("path")
+        if not corpus_path:
+            raise DataError(f"{ckpt_path} does not record its training corpus; pass data.path= a text file.")
+        if not Path(corpus_path).is_file():
+            raise DataError(f"The training corpus {corpus_path} is not there any more; pass data.path= a text file.")
+        corpus = encode_corpus(corpus_path, ROOT / "data" / "cache")
+        if corpus.tokenizer.vocab != tokenizer.vocab:
+            raise DataError(f"{corpus_path} has changed since training (its vocabulary differs); pass data.path=.")
+        val_fraction = cfg.data.val_fraction or data_info["val_fraction"]
+        ids = corpus.ids[len(corpus.ids) - int(len(corpus.ids) * val_fraction) :]
+        split = f"validation split of {corpus_path} (last {val_fraction:.0%})"
+
+    lengths = list(cfg.context_lengths or [model.config.seq_length])
+    if any(not isinstance(n, int) or n <= 0 for n in lengths):
+        raise ConfigError(f"context_lengths={lengths} must be positive integers, e.g. [64,128,256,512].")
+    precision = str(cfg.precision)
+    if precision not in ("auto", "bf16", "32"):
+        raise ConfigError(f"precision={precision} must be auto, bf16 or 32.")
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
+    dtype = torch.bfloat16 if use_bf16 else None
+
+    print(
+        f"[evaluate] {ckpt_path}: {split}, {len(ids)} characters, {'bf16' if use_bf16 else 'fp32'} on {device}",
+        file=sys.stderr,
+        flush=True,
+    )
+    results = [evaluate(model, ids, n, cfg.data.batch_size, dtype) for n in lengths]
+    table = results_table(results, model.config.seq_length)
+    print(table)
+
+    stem = Path(cfg.output) if cfg.output else ckpt_path.with_suffix("")
+    report = {
+        "checkpoint": str(ckpt_path),
+        "split": split,
+        "precision": "bf16" if use_bf16 else "fp32",
+        "model": model.config.to_dict(),
+        "results": [r.to_dict() for r in results],
+    }
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.eval.md").write_text(f"Evaluation of `{ckpt_path}` on the {split}\n\n{table}\n")
+    Path(f"{stem}.eval.json").write_text(json.dumps(report, indent=2))
+    print(f"[evaluate] wrote {stem}.eval.md and {stem}.eval.json", file=sys.stderr)
+    return report["results"]
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

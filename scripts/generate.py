@@ -1,0 +1,107 @@
+"""Sample text from a trained checkpoint, streaming characters to stdout as they are made.
+
+    python scripts/generate.py ckpt=outputs/runs/<run>/ prompt="KING: Oh God !" max_new_tokens=200
+    python scripts/generate.py ckpt=path/to/best.ckpt temperature=0 kv_cache=false
+
+stdout carries the text alone; diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+import hydra
+import torch
+from _common import CONFIG_DIR, report_errors
+from omegaconf import DictConfig
+
+from lm.checkpoint import load_model
+from lm.errors import ConfigError
+from lm.generate import check_sampling_args, generate
+
+
+def quote_prompt_argument(argv: list[str]) -> list[str]:
+    """Quotes `prompt=...` for Hydra, so prompts with characters its override grammar reserves ('!', ',', ...)
+    work exactly as typed: prompt="KING: Oh God !"."""
+
+    def quote(arg: str) -> str:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") != "prompt" or value[:1] in ("'", '"'):
+            return arg
+        value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+        value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+        return f"{key}='{value}'"
+
+    return [quote(a) for a in argv]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for, but PyTorch sees no CUDA GPU; use device=cpu or device=auto.")
+    return name
+
+
+@report_errors
+def run(cfg: DictConfig) -> None:
+    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.num_samples < 1:
+        raise ConfigError(f"num_samples={cfg.num_samples} must be at least 1.")
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(cfg.ckpt, device=device)
+    print(
+        f"[generate] {model.config.n_layer} layers x {model.config.n_embd}, "
+        f"{model.config.pos_encoding.name} positions, context {model.config.seq_length}, on {device}, "
+        f"kv_cache={cfg.kv_cache}",
+        file=sys.stderr,
+        flush=True,
+    )
+    prompt = str(cfg.prompt) or "\n"
+    tokenizer.encode(prompt)  # unknown characters: one clear sentence before any output
+    seed = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**31)
+    generator_seed = seed
+    for i in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            print(f"\n----- sample {i + 1} of {cfg.num_samples} -----", file=sys.stderr, flush=True)
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        start = time.perf_counter()
+
+        def stream(ids: torch.Tensor) -> None:
+            sys.stdout.write(tokenizer.decode(ids))
+            sys.stdout.flush()
+
+        generate(
+            model,
+            tokenizer,
+            prompt,
+            cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            seed=generator_seed + i,
+            kv_cache=cfg.kv_cache,
+            on_token=stream,
+        )
+        elapsed = time.perf_counter() - start
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(
+            f"[generate] {cfg.max_new_tokens} characters in {elapsed:.2f} s "
+            f"({cfg.max_new_tokens / max(elapsed, 1e-9):.0f} chars/s), seed {generator_seed + i}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    sys.argv = quote_prompt_argument(sys.argv)
+    main()

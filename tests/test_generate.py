@@ -1,0 +1,228 @@
+"""Sampling with and without the KV cache, safe checkpoint loading, and the generate/evaluate scripts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm import generate, load_model
+from lm.errors import CheckpointError, ConfigError, DataError
+from lm.model import POSITIONAL_ENCODINGS, KVCache, Transformer, TransformerConfig
+from lm.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = "".join(sorted(set("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")))
+
+
+def random_model(pe: str, seq_length: int = 24) -> Transformer:
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        vocab_size=len(VOCAB), seq_length=seq_length, n_layer=2, n_head=2, n_embd=32, pos_encoding={"name": pe}
+    )
+    model = Transformer(config).eval()
+    # larger weights than at initialisation: varied text, and greedy choices that are not near-ties
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
+def test_incremental_logits_match_full_forward(pe):
+    model = random_model(pe)
+    idx = torch.randint(0, len(VOCAB), (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.config, 2, 24, "cpu", torch.float32)
+        parts = [model(idx[:, :7], cache), model(idx[:, 7:8], cache), model(idx[:, 8:20], cache)]
+    assert cache.length == 20
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-4)
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
+def test_greedy_text_is_identical_with_and_without_cache(pe):
+    model, tok = random_model(pe), CharTokenizer(VOCAB)
+    for prompt in ("To be", "To be, or not to be:"):  # shorter and longer than half the context
+        kwargs = dict(prompt=prompt, max_new_tokens=24 - len(prompt), temperature=0)  # fills the context exactly
+        assert generate(model, tok, kv_cache=True, **kwargs) == generate(model, tok, kv_cache=False, **kwargs)
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
+def test_generation_continues_past_the_context_length(pe):
+    model, tok = random_model(pe, seq_length=16), CharTokenizer(VOCAB)
+    for kv_cache in (True, False):
+        text = generate(model, tok, "a", max_new_tokens=60, temperature=1.0, seed=0, kv_cache=kv_cache)[0]
+        assert len(text) == 61 and text.startswith("a")
+
+
+def test_same_seed_same_text_and_sampling_filters():
+    model, tok = random_model("rope"), CharTokenizer(VOCAB)
+    a = generate(model, tok, "hi", 30, temperature=1.0, seed=7)
+    assert a == generate(model, tok, "hi", 30, temperature=1.0, seed=7)
+    assert a != generate(model, tok, "hi", 30, temperature=1.0, seed=8)
+    greedy = generate(model, tok, "hi", 30, temperature=0)
+    assert generate(model, tok, "hi", 30, temperature=1.0, top_k=1, seed=1) == greedy
+    assert generate(model, tok, "hi", 30, temperature=1.0, top_p=1e-6, seed=1) == greedy
+    samples = generate(model, tok, "hi", 10, num_samples=3, seed=0)
+    assert len(samples) == 3 and all(len(s) == 12 for s in samples)
+
+
+def test_prompt_errors_and_empty_prompt():
+    model, tok = random_model("rope"), CharTokenizer(VOCAB)
+    with pytest.raises(DataError, match="'#'"):
+        generate(model, tok, "hi #", 5)
+    assert generate(model, tok, "", 5, seed=0)[0].startswith("\n")
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_new_tokens": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -0.1}, {"top_k": 0}]
+)
+def test_bad_sampling_arguments_are_rejected(kwargs):
+    model, tok = random_model("rope"), CharTokenizer(VOCAB)
+    args = {"prompt": "hi", "max_new_tokens": 5, **kwargs}
+    with pytest.raises(ConfigError):
+        generate(model, tok, **args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and scripts
+
+
+def run_script(name, *args, check=True):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import make_corpus_text
+
+    tmp = tmp_path_factory.mktemp("run")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(make_corpus_text(8000))
+    run_script(
+        "train.py",
+        f"paths.output_dir={tmp / 'outputs'}",
+        f"data.path={corpus}",
+        "model=tiny",
+        "pos_encoding=learned",
+        "data.seq_length=32",
+        "data.batch_size=8",
+        "trainer.max_steps=25",
+        "trainer.precision=32-true",
+        "callbacks.text_sample.max_new_tokens=0",
+        "callbacks.throughput.peak_flops=null",
+        "logger=csv",
+    )
+    run = next((tmp / "outputs" / "runs").iterdir())
+    return run, corpus
+
+
+def test_load_model_from_run_dir_and_file(trained_run):
+    run, corpus = trained_run
+    model, tok = load_model(run)
+    assert tok.vocab == "".join(sorted(set(corpus.read_text())))
+    assert not model.training
+    model2, _ = load_model(run / "checkpoints" / "last.ckpt")
+    assert model.config == model2.config
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, trained_run):
+    run, _ = trained_run
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    evil = _RunsCode()
+    evil.marker = tmp_path / "pwned"
+    checkpoint["extra"] = evil
+    path = tmp_path / "evil.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_model(path)
+    assert not evil.marker.exists()
+
+
+def test_missing_truncated_and_foreign_checkpoints(tmp_path, trained_run):
+    run, _ = trained_run
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope.ckpt")
+    data = (run / "checkpoints" / "last.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(tmp_path / "truncated.ckpt")
+    torch.save({"state_dict": {}, "hello": 1}, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of transformer-lm"):
+        load_model(tmp_path / "foreign.ckpt")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(CheckpointError, match="holds no"):
+        load_model(tmp_path / "empty_run")
+
+
+def test_generate_script_streams_text_to_stdout_only(trained_run):
+    run, _ = trained_run
+    prompt = "The king, my lord."  # Hydra's grammar reserves ','; the script quotes the prompt for it
+    args = [f"ckpt={run}", f"prompt={prompt}", "max_new_tokens=14", "temperature=0"]  # 18 + 14 = the 32 context
+    cached = run_script("generate.py", *args)
+    assert cached.stdout.startswith(prompt) and len(cached.stdout) == len(prompt) + 14 + 1
+    assert "[generate]" in cached.stderr and "[generate]" not in cached.stdout
+    uncached = run_script("generate.py", *args, "kv_cache=false")
+    assert uncached.stdout == cached.stdout
+    seeded = [
+        run_script("generate.py", f"ckpt={run}", "seed=3", "max_new_tokens=30", "num_samples=2").stdout
+        for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["prompt=the #king"], "'#'"),
+        (["max_new_tokens=-5"], "max_new_tokens"),
+        (["top_p=1.5"], "top_p"),
+        (["temperature=-1"], "temperature"),
+    ],
+)
+def test_generate_script_bad_input(trained_run, args, message):
+    run, _ = trained_run
+    result = run_script("generate.py", f"ckpt={run}", *args, check=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_generate_script_missing_checkpoint(tmp_path):
+    result = run_script("generate.py", f"ckpt={tmp_path / 'missing.ckpt'}", check=False)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_evaluate_matches_training_and_reports_lengths(trained_run):
+    run, corpus = trained_run
+    logged = [line for line in (run / "csv" / "metrics.csv").read_text().splitlines()[1:] if line]
+    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    val_losses = [
+        float(row.split(",")[header.index("val/loss")]) for row in logged if row.split(",")[header.index("val/loss")]
+    ]
+    result = run_script(
+        "evaluate.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "precision=32", "context_lengths=[16,32,64]"
+    )
+    report = json.loads((run / "checkpoints" / "last.eval.json").read_text())
+    rows = {r["context_length"]: r for r in report["results"]}
+    assert rows[32]["loss"] == pytest.approx(val_losses[-1], abs=1e-4)
+    assert rows[32]["tokens"] == int(len(corpus.read_text()) * 0.1) - 1
+    assert rows[64]["loss"] is None and "learned positions stop at 32" in rows[64]["note"]
+    assert "| 64 |" in result.stdout and (run / "checkpoints" / "last.eval.md").exists()
+    other = run_script("evaluate.py", f"ckpt={run}", f"data.path={corpus}", "precision=32")
+    assert "all of" in other.stderr
