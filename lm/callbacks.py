@@ -1,8 +1,11 @@
-"""Training callbacks: a final validation pass, throughput/MFU logging, and a text sample at the end."""
+"""Training callbacks: a final validation pass, throughput/MFU logging, a text sample at the end, and a
+checkpoint on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +14,7 @@ from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
+from lm.errors import LMError
 from lm.generate import generate
 from lm.hardware import measure_matmul_peak
 
@@ -64,6 +68,13 @@ class LMThroughputMonitor(ThroughputMonitor):
                     available_flops=self.available_flops, world_size=trainer.world_size, **self.kwargs
                 )
 
+    @rank_zero_only
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, *args, **kwargs) -> None:
+        # Validation is still timed (so it is not counted as training time) but not logged: Lightning would log
+        # it against its own batch counter, which does not line up with training steps.
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
+
 
 class TextSample(L.Callback):
     """Prints a short sample at the end of training and logs it (TensorBoard text, or the logger's own way)."""
@@ -108,3 +119,65 @@ class TextSample(L.Callback):
                 experiment.add_text("sample", "```\n" + text + "\n```", trainer.global_step)
             elif hasattr(logger, "log_text"):
                 logger.log_text("sample", columns=["text"], data=[[text]], step=trainer.global_step)
+
+
+class InterruptedTraining(LMError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class SaveOnInterrupt(L.Callback):
+    """On Ctrl-C (SIGINT) or SIGTERM, finishes the current step, saves `last.ckpt` there and stops.
+
+    The checkpoint is written atomically (temporary file, then rename), so a process killed while saving never
+    leaves a broken `last.ckpt`. A second Ctrl-C stops at once, without saving.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.received is None:
+            return
+        callback = trainer.checkpoint_callback
+        folder = (
+            Path(callback.dirpath)
+            if callback is not None and callback.dirpath
+            else (Path(trainer.default_root_dir) / "checkpoints")
+        )
+        path = folder / "last.ckpt"
+        trainer.save_checkpoint(path)  # atomic, and only rank 0 writes
+        name = signal.Signals(self.received).name
+        raise InterruptedTraining(
+            f"{name} received: saved {path} at step {trainer.global_step}; continue with "
+            f"resume={folder.parent} (or ckpt_path={path}).",
+            self.received,
+        )

@@ -382,9 +382,11 @@ class CharDataModule(L.LightningDataModule):
         dataset = RandomWindowBatches(
             train, self.batch_size, self.seq_length, num_batches, self.seed, rank, start_index
         )
-        return DataLoader(dataset, batch_size=None)
+        return DataLoader(dataset, batch_size=None, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = self._rank()
         dataset = ValidationWindows(self.split("val"), self.batch_size, self.seq_length, rank, world_size)
-        return DataLoader(dataset, batch_size=None)
+        # own generators: a DataLoader iterator otherwise draws its seed from the global RNG, and resuming would
+        # shift dropout's random stream
+        return DataLoader(dataset, batch_size=None, generator=torch.Generator())

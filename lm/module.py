@@ -49,6 +49,7 @@ class LanguageModel(L.LightningModule):
         optimizer: builds the optimizer from parameter groups (e.g. a partial of torch.optim.AdamW); its
             weight decay applies to weight matrices only.
         warmup_steps, min_lr_ratio: the learning-rate schedule (see `cosine_schedule`).
+        total_steps: where the cosine decay ends; None means the run's own length (max_steps or epochs).
     """
 
     def __init__(
@@ -58,13 +59,14 @@ class LanguageModel(L.LightningModule):
         optimizer: OptimizerFactory,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        total_steps: int | None = None,
     ):
         super().__init__()
         self.config = config
         self.tokenizer = CharTokenizer(vocab)
         self.model = Transformer(config)
         self.optimizer_factory = optimizer
-        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.warmup_steps, self.min_lr_ratio, self.total_steps = warmup_steps, min_lr_ratio, total_steps
         self.val_loss = MeanMetric()
 
     def setup(self, stage: str) -> None:
@@ -88,11 +90,17 @@ class LanguageModel(L.LightningModule):
         loss = self.loss(*batch)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
-                f"The training loss became {loss.item()} at step {self.global_step}; lower optimizer.lr or keep "
+                f"The training loss became {loss.item()} at step {self.global_step + 1}; lower optimizer.lr or keep "
                 "gradient clipping on (trainer.gradient_clip_val). Checkpoints written before this step are intact."
             )
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # the norm before clipping, so it shows when clipping is active; only on logging steps (it costs a pass)
+        if self.trainer._logger_connector.should_update_logs:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -102,13 +110,19 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self):
         loss = self.val_loss.compute()  # synchronised across processes
         self.val_loss.reset()
+        if not torch.isfinite(loss) and not self.trainer.sanity_checking:
+            # raised before the checkpoint callback runs, so no broken weights are saved
+            raise TrainingDivergedError(
+                f"The validation loss became {loss.item()} after step {self.global_step}; lower optimizer.lr or keep "
+                "gradient clipping on (trainer.gradient_clip_val). Checkpoints written before this step are intact."
+            )
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss))
         self.log("val/bpc", loss / math.log(2))
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
-        total_steps = int(self.trainer.estimated_stepping_batches)
+        total_steps = self.total_steps or int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: cosine_schedule(step, self.warmup_steps, total_steps, self.min_lr_ratio)
         )
@@ -121,6 +135,17 @@ class LanguageModel(L.LightningModule):
             "vocab": self.tokenizer.vocab,
             "data": self.data_info(),
         }
+        # dropout's random stream, so a resumed run draws the same masks as an uninterrupted one
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states", {})
+        if "torch" in states:
+            torch.set_rng_state(states["torch"].cpu())
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
     def data_info(self) -> dict:
         """Which corpus and split this model was trained on, so evaluation can find the validation split."""

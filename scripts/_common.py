@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -17,9 +18,23 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from lm.errors import LMError  # noqa: E402
 
+MAX_NAME = 120  # file systems cap a path component at 255 bytes
+
+
+def short_name(overrides: str) -> str:
+    """A run directory name from its overrides ("key-value+key-value"): config-group choices first (they say
+    most about a run), then the rest; cut, with a hash to stay unique, where it would be too long."""
+    items = overrides.split("+") if overrides else []
+    name = "+".join(sorted(items, key=lambda item: "." in item.split("-", 1)[0]))
+    if len(name) <= MAX_NAME:
+        return name
+    return f"{name[: MAX_NAME - 10]}..{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 if not OmegaConf.has_resolver("lm_suffix"):
     # "_<overrides>" for run directory names, nothing when there are no overrides
-    OmegaConf.register_new_resolver("lm_suffix", lambda s: f"_{s}" if s else "")
+    OmegaConf.register_new_resolver("lm_suffix", lambda s: f"_{short_name(s)}" if s else "")
+    OmegaConf.register_new_resolver("lm_name", short_name)
 
 
 def full_errors() -> bool:
@@ -39,7 +54,7 @@ def report_errors(fn: Callable) -> Callable:
             if full_errors():
                 raise
             print(f"error: {error}", file=sys.stderr, flush=True)
-            sys.exit(1)
+            sys.exit(getattr(error, "exit_code", 1))
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper

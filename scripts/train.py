@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -30,6 +31,32 @@ def build_loggers(cfg: DictConfig) -> list:
             raise ConfigError('logger=wandb needs the wandb package; install it with pip install -e ".[wandb]".')
         loggers.append(instantiate(logger_cfg))
     return loggers
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to continue from: `ckpt_path=`, or `resume=<run dir>`'s last checkpoint."""
+    if cfg.resume and cfg.ckpt_path:
+        raise ConfigError("Pass either resume=<run dir> or ckpt_path=<file>, not both.")
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file; pass a .ckpt file, or resume=<run dir>.")
+        return str(cfg.ckpt_path)
+    if cfg.resume:
+        last = Path(cfg.resume) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(
+                f"resume={cfg.resume} has no checkpoints/last.ckpt; pass the directory of an earlier run."
+            )
+        return str(last)
+    return None
+
+
+def log_into_resumed_run(argv: list[str]) -> list[str]:
+    """`resume=<run dir>` continues in that run's directory, so its logs and checkpoints stay in one place."""
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if resume and resume[-1] not in ("", "null") and not any(a.startswith("hydra.run.dir=") for a in argv):
+        return [*argv, f"hydra.run.dir={resume[-1].rstrip('/')}"]
+    return argv
 
 
 @report_errors
@@ -65,7 +92,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero and metrics:
         print(
@@ -83,4 +110,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = log_into_resumed_run(sys.argv)
     main()

@@ -1,0 +1,180 @@
+"""Runs that survive: exact resume, signals, divergence, bad input, reproducibility, two-process DDP."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY, run_train, scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [*TINY, "trainer.precision=32-true", "logger=csv"]
+
+
+def last_checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def csv_column(run: Path, column: str) -> list[float]:
+    lines = (run / "csv" / "metrics.csv").read_text().splitlines()
+    index = lines[0].split(",").index(column)
+    return [float(row.split(",")[index]) for row in lines[1:] if row.split(",")[index]]
+
+
+def only_run(outputs: Path) -> Path:
+    runs = list((outputs / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus):
+    common = [
+        f"data.path={corpus}",
+        *FAST,
+        "model.dropout=0.1",
+        "trainer.log_every_n_steps=1",
+        "lr_schedule.warmup_steps=5",
+        "lr_schedule.total_steps=20",
+    ]
+    straight, again, split = tmp_path / "straight", tmp_path / "again", tmp_path / "split"
+    run_train([*common, "trainer.max_steps=20"], straight)
+    run_train([*common, "trainer.max_steps=20"], again)
+    run_train([*common, "trainer.max_steps=10"], split)
+    first_half = only_run(split / "outputs")
+    run_train([*common, "trainer.max_steps=20", f"resume={first_half}"], split)
+
+    a, b, c = (only_run(d / "outputs") for d in (straight, again, split))
+    assert c == first_half, "resume= continues in the same run directory"
+    assert csv_column(a, "train/loss") == csv_column(b, "train/loss"), "same seed, same losses"
+    ckpt_a, ckpt_c = last_checkpoint(a), last_checkpoint(c)
+    assert ckpt_a["global_step"] == ckpt_c["global_step"] == 20
+    for key, value in ckpt_a["state_dict"].items():
+        assert torch.allclose(value, ckpt_c["state_dict"][key], atol=1e-6), key
+    assert csv_column(a, "val/loss")[-1] == pytest.approx(csv_column(c, "val/loss")[-1], abs=1e-6)
+    assert csv_column(a, "train/loss")[-10:] == pytest.approx(csv_column(c, "train/loss")[-10:], abs=1e-6)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, corpus, signum):
+    outputs = tmp_path / "outputs"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        f"paths.output_dir={outputs}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"data.path={corpus}",
+        *FAST,
+        "trainer.max_steps=100000",
+    ]
+    stderr = tmp_path / "output.txt"  # the progress bar (stdout) counts steps; messages go to stderr
+    with open(stderr, "w") as err:
+        process = subprocess.Popen(cmd, stdout=err, stderr=err, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        deadline = time.monotonic() + 120
+        # wait until a few training steps are done (the progress bar counts them)
+        while time.monotonic() < deadline and process.poll() is None:
+            steps = [int(n) for n in re.findall(r"\| (\d+)/\d+ \[", stderr.read_text())]
+            if steps and max(steps) >= 3:
+                break
+            time.sleep(0.05)
+        process.send_signal(signum)
+        code = process.wait(timeout=120)
+    message = stderr.read_text()
+    assert code == 128 + signum, message[-2000:]
+    assert f"{signal.Signals(signum).name} received" in message and "Traceback" not in message
+    run = only_run(outputs)
+    step = last_checkpoint(run)["global_step"]
+    assert step >= 3
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    run_train([f"data.path={corpus}", *FAST, f"trainer.max_steps={step + 5}", f"resume={run}"], tmp_path)
+    assert last_checkpoint(run)["global_step"] == step + 5
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    result = run_train(
+        [
+            f"data.path={corpus}",
+            *FAST,
+            "optimizer.lr=1e6",
+            "trainer.gradient_clip_val=null",
+            "trainer.val_check_interval=1",
+            "trainer.max_steps=50",
+        ],
+        tmp_path,
+        check=False,
+    )
+    assert result.returncode == 1
+    match = re.search(r"loss became (nan|inf|-inf) (at|after) step (\d+)", result.stderr)
+    assert match, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    checkpoint = last_checkpoint(only_run(tmp_path / "outputs"))
+    assert 0 < checkpoint["global_step"] < int(match.group(3))  # the last checkpoint before the divergence
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+
+
+def test_gradient_norm_is_logged(tmp_path, corpus):
+    run_train([f"data.path={corpus}", *TINY, "trainer.max_steps=4", "trainer.log_every_n_steps=1"], tmp_path)
+    assert len(scalars(only_run(tmp_path / "outputs"))["train/grad_norm"]) == 4
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["model=huge"], "model"),
+        (["trainer.no_such_flag=1"], "no_such_flag"),
+        (["data.val_fraction=1.5"], "val_fraction"),
+        (["data.seq_length=0"], "seq_length"),
+        (["model.n_embd=30", "model.n_head=4"], "divisible"),
+        (["model.n_embd=6", "model.n_head=2"], "even head size"),
+        (["data.batch_size=-2"], "batch_size"),
+        (["resume=/nonexistent/run"], "last.ckpt"),
+    ],
+)
+def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, corpus, args, message):
+    result = run_train([f"data.path={corpus}", "model=tiny", *args], tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_full_traceback_on_request(tmp_path):
+    env_result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            f"paths.output_dir={tmp_path}",
+            f"data.path={tmp_path / 'missing.txt'}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LM_FULL_ERROR": "1"},
+        timeout=300,
+    )
+    assert env_result.returncode != 0 and "Traceback" in env_result.stderr and "DataError" in env_result.stderr
+
+
+def test_ddp_two_cpu_processes_reduce_validation_exactly(tmp_path, corpus):
+    result = run_train([f"data.path={corpus}", *FAST, "trainer=ddp", "trainer.max_steps=6"], tmp_path)
+    run = only_run(tmp_path / "outputs")
+    logged = csv_column(run, "val/loss")[-1]
+    assert len(list((run / "checkpoints").glob("*.ckpt"))) == 2  # best and last, written once by rank 0
+    evaluation = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "evaluate.py"),
+            f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+            "precision=32",
+            f"output={tmp_path / 'eval'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr
+    single = float(evaluation.stdout.strip().splitlines()[-1].split("|")[3])
+    assert logged == pytest.approx(single, abs=1e-4)
+    assert "val/loss=" in result.stderr
