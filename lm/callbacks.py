@@ -101,15 +101,17 @@ class TextSample(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if self.max_new_tokens <= 0:
             return
-        text = generate(
-            pl_module.model,
-            pl_module.tokenizer,
-            self.prompt,
-            self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            seed=self.seed,
-        )[0]
+        # a compiled model (model.compile=true) would recompile for every generation length: run it eagerly
+        with torch.compiler.set_stance("force_eager"):
+            text = generate(
+                pl_module.model,
+                pl_module.tokenizer,
+                self.prompt,
+                self.max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                seed=self.seed,
+            )[0]
         print(f"\n----- sample after {trainer.global_step} steps -----\n{text}\n" + "-" * 40, file=sys.stderr)
         if self.output_dir:
             (Path(self.output_dir) / "sample.txt").write_text(text)

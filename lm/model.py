@@ -261,6 +261,7 @@ class Transformer(nn.Module):
             self.position = SinusoidalPositionalEncoding(config.n_embd, config.seq_length)
         else:
             self.rope = RotaryEmbedding(config.head_dim, pe.base, config.seq_length)
+        self.embedding_scale = math.sqrt(config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -302,7 +303,11 @@ class Transformer(nn.Module):
         if cache is not None and start + T > cache.max_length:
             raise ContextTooLongError(f"the KV cache holds {cache.max_length} positions; {start + T} were asked for")
         x = self.token_embedding(idx)
-        if self.position is not None:
+        if isinstance(self.position, SinusoidalPositionalEncoding):
+            # as in "Attention Is All You Need": scale embeddings by sqrt(d) so the fixed, unit-amplitude encoding
+            # does not drown them (with N(0, 0.02) embeddings it would be ~35x larger)
+            x = x * self.embedding_scale + self.position(start, T)
+        elif self.position is not None:
             x = x + self.position(start, T)
         x = self.dropout(x)
         for block in self.blocks:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from _common import CONFIG_DIR, report_errors
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -71,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     config = TransformerConfig(vocab_size=tokenizer.vocab_size, **model_cfg)
     module = LanguageModel(config, tokenizer.vocab, optimizer=instantiate(cfg.optimizer), **cfg.lr_schedule)
     if compile_model:
-        module.model = torch.compile(module.model)
+        module.model.compile()  # in place: checkpoints keep the plain parameter names
 
     trainer_cfg = cfg.trainer
     precision, note = resolve_precision(trainer_cfg.precision, training_device_type(trainer_cfg.accelerator))
