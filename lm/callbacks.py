@@ -1,5 +1,5 @@
-"""Training callbacks: a final validation pass, throughput/MFU logging, a text sample at the end, and a
-checkpoint on SIGINT/SIGTERM."""
+"""Training callbacks (a final validation pass, throughput/MFU logging, a text sample at the end, a checkpoint on
+SIGINT/SIGTERM) and the atomic checkpoint writer."""
 
 from __future__ import annotations
 
@@ -10,13 +10,28 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only
 
+from lm.data import write_atomically
 from lm.errors import LMError
 from lm.generate import generate
 from lm.hardware import measure_matmul_peak
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in its own folder, then renames it into place.
+
+    Lightning's own writer stages the file in the system temp folder and moves it, which is a copy (not atomic)
+    when that folder is on another file system; a rename within one folder is atomic, so a process killed while
+    saving leaves the previous checkpoint whole.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        write_atomically(Path(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
 class ValidateAtEnd(L.Callback):
@@ -67,6 +82,14 @@ class LMThroughputMonitor(ThroughputMonitor):
                 self._throughputs[stage_key] = Throughput(
                     available_flops=self.available_flops, world_size=trainer.world_size, **self.kwargs
                 )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.is_global_zero:
+            # tokens/s (over the last window_size steps) on the progress bar too
+            items_per_sec = self._throughputs[RunningStage.TRAINING].compute().get("device/items_per_sec")
+            if items_per_sec is not None:
+                pl_module.log("tok/s", items_per_sec, prog_bar=True, logger=False, rank_zero_only=True)
 
     @rank_zero_only
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, *args, **kwargs) -> None:

@@ -121,7 +121,8 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def forward(self, start: int, length: int) -> torch.Tensor:
         if start + length > self.table.shape[0]:
-            self.table = sinusoidal_table(2 * (start + length), self.dim).to(self.table.device)
+            with torch.inference_mode(False):  # a table grown while generating must stay usable for training
+                self.table = sinusoidal_table(2 * (start + length), self.dim).to(self.table.device)
         return self.table[start : start + length]
 
 
@@ -138,6 +139,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._build(initial_length)
 
+    @torch.inference_mode(False)  # a table grown while generating must stay usable for training
     def _build(self, length: int) -> None:
         angles = torch.arange(length, dtype=torch.float64, device=self.inv_freq.device)[:, None] * self.inv_freq
         angles = torch.cat([angles, angles], dim=-1)

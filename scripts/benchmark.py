@@ -54,8 +54,13 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    """Peak resident memory of this process since it started (Linux VmHWM: unlike ru_maxrss, not inherited
+    from the parent that spawned it)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def model_config(preset: str, vocab_size: int = VOCAB_SIZE) -> TransformerConfig:

@@ -119,3 +119,11 @@ def test_gpt2_init_scales_residual_projections():
 def test_bad_model_configs_are_rejected(kw, match):
     with pytest.raises(ConfigError, match=match):
         tiny_config(**kw)
+
+
+@pytest.mark.parametrize("pe", ["sinusoidal", "rope"])
+def test_position_tables_grown_during_generation_still_train(pe):
+    model = Transformer(tiny_config(pe))
+    with torch.inference_mode():
+        model(torch.zeros(1, 40, dtype=torch.long))  # grows the cos/sin or sinusoidal table past 16
+    model(torch.zeros(2, 40, dtype=torch.long)).sum().backward()  # would fail on inference tensors

@@ -178,3 +178,21 @@ def test_ddp_two_cpu_processes_reduce_validation_exactly(tmp_path, corpus):
     single = float(evaluation.stdout.strip().splitlines()[-1].split("|")[3])
     assert logged == pytest.approx(single, abs=1e-4)
     assert "val/loss=" in result.stderr
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    import lm.callbacks
+
+    writer = lm.callbacks.AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    writer.save_checkpoint({"weights": torch.ones(3)}, path)
+
+    def dies_halfway(obj, file):
+        Path(file).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # as if the process were stopped mid-write
+
+    monkeypatch.setattr(lm.callbacks.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        writer.save_checkpoint({"weights": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["weights"].sum() == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
