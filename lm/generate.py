@@ -72,7 +72,11 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.from_numpy(tokenizer.encode(prompt).astype("int64")).to(device).repeat(num_samples, 1)
+    prompt_ids = torch.from_numpy(tokenizer.encode(prompt).astype("int64")).to(device)
+    # one buffer for the whole text: tokens[:, :length] is what exists so far
+    tokens = torch.empty(num_samples, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=device)
+    tokens[:, : len(prompt_ids)] = prompt_ids
+    length = len(prompt_ids)
     was_training = model.training
     model.eval()
     cache = None
@@ -80,19 +84,20 @@ def generate(
     def logits_for_next() -> torch.Tensor:
         nonlocal cache
         if not kv_cache:
-            return model(tokens[:, -context_length:])[:, -1]
+            return model(tokens[:, max(0, length - context_length) : length])[:, -1]
         if cache is None or cache.length >= context_length:
             # (re)fill the cache: at first from the whole prompt (up to a full context); once full, from the most
             # recent half context, so refills stay rare
-            keep = tokens.shape[1] if cache is None and tokens.shape[1] <= context_length else context_length // 2
+            keep = length if cache is None and length <= context_length else context_length // 2
             cache = KVCache(model.config, num_samples, context_length, device, model.token_embedding.weight.dtype)
-            return model(tokens[:, -keep:], cache)[:, -1]
-        return model(tokens[:, -1:], cache)[:, -1]
+            return model(tokens[:, length - keep : length], cache)[:, -1]
+        return model(tokens[:, length - 1 : length], cache)[:, -1]
 
     try:
         for _ in range(max_new_tokens):
             next_ids = sample_next(logits_for_next(), temperature, top_k, top_p, generator)
-            tokens = torch.cat([tokens, next_ids], dim=1)
+            tokens[:, length] = next_ids[:, 0]
+            length += 1
             if on_token is not None:
                 on_token(next_ids[:, 0])
     finally:

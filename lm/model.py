@@ -147,12 +147,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Rotates `x` of shape (B, H, T, D) whose first position is `start`."""
+        """Rotates `x` of shape (..., T, D) whose first position is `start`."""
         length = x.shape[-2]
         if start + length > self.cos.shape[0]:
             self._build(2 * (start + length))
-        cos = self.cos[start : start + length].to(x.dtype)
-        sin = self.sin[start : start + length].to(x.dtype)
+        cos, sin = self.cos[start : start + length], self.sin[start : start + length]
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -201,10 +202,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         start = cache.length if cache is not None else 0
         if rope is not None:
-            q, k = rope(q, start), rope(k, start)
+            q, k = rope(qkv[:2], start).unbind(0)  # queries and keys rotated in one go
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
         dropout_p = self.dropout if self.training else 0.0
         if cache is None and x.device.type == "cpu" and T <= EXPLICIT_ATTENTION_MAX_LENGTH:
             y = explicit_causal_attention(q, k, v, dropout_p)
