@@ -102,6 +102,17 @@ class LanguageModel(L.LightningModule):
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses to clip for fused optimizers under mixed precision, because of fp16's gradient
+        # scaler; with bf16 or fp32 there is no scaler, the gradients are true-scale, and clipping here is exact.
+        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         n_targets = (y != IGNORE_INDEX).sum()

@@ -126,7 +126,7 @@ def lightning_training(preset: str, precision: str, steps: int, warmup: int, cor
     module = LanguageModel(
         config,
         datamodule.tokenizer.vocab,
-        optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1),
+        optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1, fused=True),
     )
     timer = StepTimer(warmup)
     trainer = L.Trainer(
@@ -159,7 +159,7 @@ def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus:
     batches = datamodule.train_dataloader().dataset
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Transformer(model_config(preset, datamodule.tokenizer.vocab_size)).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-3, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-3, weight_decay=0.1, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, 100, 5000, 0.1))
     times = []
     for i in range(warmup + steps):

@@ -134,3 +134,15 @@ def test_bad_input_exits_with_one_clear_sentence(tmp_path):
     result = run_train([f"data.path={tmp_path / 'nope.txt'}", "model=tiny"], tmp_path, check=False)
     assert result.returncode == 1
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_gradients_are_clipped_with_the_fused_optimizer(precision):
+    config = TransformerConfig(vocab_size=10, seq_length=8, n_layer=1, n_head=2, n_embd=8)
+    module = LanguageModel(config, "".join(map(str, range(10))), optimizer=lambda g: torch.optim.AdamW(g, fused=True))
+    module.trainer = L.Trainer(precision=precision, accelerator="cpu", logger=False, enable_progress_bar=False)
+    for param in module.parameters():
+        param.grad = torch.full_like(param, 100.0)
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    total = torch.nn.utils.get_total_norm([p.grad for p in module.parameters()])
+    assert total == pytest.approx(1.0, rel=1e-4)
