@@ -53,14 +53,18 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 def log_into_resumed_run(argv: list[str]) -> list[str]:
     """`resume=<run dir>` continues in that run's directory, so its logs and checkpoints stay in one place."""
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
-    if resume and resume[-1] not in ("", "null") and not any(a.startswith("hydra.run.dir=") for a in argv):
-        return [*argv, f"hydra.run.dir={resume[-1].rstrip('/')}"]
-    return argv
+    if not resume or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    run_dir = Path(resume[-1].rstrip("/"))
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return argv  # not a run: train() says so, and no directory gets created at that path
+    return [*argv, f"hydra.run.dir={run_dir}"]
 
 
 @report_errors
 def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one training job; returns the final metrics (val/loss, val/bpc, ...)."""
+    ckpt_path = resume_checkpoint(cfg)  # fail fast on a bad resume= or ckpt_path=
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     tokenizer = datamodule.tokenizer  # opens (and if needed downloads and encodes) the corpus
@@ -91,7 +95,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero and metrics:
         print(

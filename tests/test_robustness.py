@@ -141,6 +141,13 @@ def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, corpus, args, 
     assert "Traceback" not in result.stderr
 
 
+def test_bad_resume_path_creates_nothing(tmp_path, corpus):
+    target = tmp_path / "not_a_run"
+    result = run_train([f"data.path={corpus}", "model=tiny", f"resume={target}"], tmp_path, check=False)
+    assert result.returncode == 1 and "has no checkpoints/last.ckpt" in result.stderr
+    assert not target.exists()
+
+
 def test_full_traceback_on_request(tmp_path):
     env_result = subprocess.run(
         [
