@@ -58,3 +58,16 @@ def report_errors(fn: Callable) -> Callable:
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
+
+
+def resolve_device(name: str) -> str:
+    """'auto' is CUDA when PyTorch sees a GPU, else the CPU; asking for a missing GPU is a clear error."""
+    import torch
+
+    from lm.errors import ConfigError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was asked for, but PyTorch sees no CUDA GPU; use device=cpu or device=auto.")
+    return name

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from _common import CONFIG_DIR, ROOT, report_errors
+from _common import CONFIG_DIR, ROOT, report_errors, resolve_device
 from omegaconf import DictConfig
 
 from lm.checkpoint import CHECKPOINT_KEY, load_model, read_checkpoint
@@ -27,11 +27,7 @@ from lm.hardware import bf16_supported
 
 @report_errors
 def run(cfg: DictConfig) -> list[dict]:
-    device = (
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = resolve_device(cfg.device)
     checkpoint, ckpt_path = read_checkpoint(cfg.ckpt)
     data_info = checkpoint[CHECKPOINT_KEY].get("data", {})
     del checkpoint

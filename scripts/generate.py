@@ -14,7 +14,7 @@ import time
 
 import hydra
 import torch
-from _common import CONFIG_DIR, report_errors
+from _common import CONFIG_DIR, report_errors, resolve_device
 from omegaconf import DictConfig
 
 from lm.checkpoint import load_model
@@ -37,14 +37,6 @@ def quote_prompt_argument(argv: list[str]) -> list[str]:
     return [quote(a) for a in argv]
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda was asked for, but PyTorch sees no CUDA GPU; use device=cpu or device=auto.")
-    return name
-
-
 @report_errors
 def run(cfg: DictConfig) -> None:
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
@@ -61,18 +53,18 @@ def run(cfg: DictConfig) -> None:
     )
     prompt = str(cfg.prompt) or "\n"
     tokenizer.encode(prompt)  # unknown characters: one clear sentence before any output
-    seed = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**31)
-    generator_seed = seed
+    seed = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**31)  # printed, so any text can be redone
+
+    def stream(ids: torch.Tensor) -> None:
+        sys.stdout.write(tokenizer.decode(ids))
+        sys.stdout.flush()
+
     for i in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"\n----- sample {i + 1} of {cfg.num_samples} -----", file=sys.stderr, flush=True)
         sys.stdout.write(prompt)
         sys.stdout.flush()
         start = time.perf_counter()
-
-        def stream(ids: torch.Tensor) -> None:
-            sys.stdout.write(tokenizer.decode(ids))
-            sys.stdout.flush()
 
         generate(
             model,
@@ -82,7 +74,7 @@ def run(cfg: DictConfig) -> None:
             temperature=cfg.temperature,
             top_k=cfg.top_k,
             top_p=cfg.top_p,
-            seed=generator_seed + i,
+            seed=seed + i,
             kv_cache=cfg.kv_cache,
             on_token=stream,
         )
@@ -91,7 +83,7 @@ def run(cfg: DictConfig) -> None:
         sys.stdout.flush()
         print(
             f"[generate] {cfg.max_new_tokens} characters in {elapsed:.2f} s "
-            f"({cfg.max_new_tokens / max(elapsed, 1e-9):.0f} chars/s), seed {generator_seed + i}",
+            f"({cfg.max_new_tokens / max(elapsed, 1e-9):.0f} chars/s), seed {seed + i}",
             file=sys.stderr,
             flush=True,
         )
