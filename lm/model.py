@@ -174,7 +174,19 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-    return F.dropout(probs, dropout_p) @ v if dropout_p > 0 else probs @ v
+    return byte_dropout(probs, dropout_p) @ v if dropout_p > 0 else probs @ v
+
+
+def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout whose mask comes from one random byte per element, with p rounded to a multiple of 1/256.
+
+    On CPU, `F.dropout` draws a float per element, which for attention probabilities (batch x heads x T x T
+    values) costs more than the attention itself; a byte per element is 5x cheaper to draw (64 x 6 x 256 x 256 in
+    bf16: 44 vs 224 ms), and forward + backward drop from 253 to 185 ms.
+    """
+    threshold = round(p * 256)
+    keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_(0, 256) >= threshold
+    return x * (keep.to(x.dtype) * (256 / (256 - threshold)))
 
 
 class KVCache:

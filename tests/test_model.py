@@ -127,3 +127,19 @@ def test_position_tables_grown_during_generation_still_train(pe):
     with torch.inference_mode():
         model(torch.zeros(1, 40, dtype=torch.long))  # grows the cos/sin or sinusoidal table past 16
     model(torch.zeros(2, 40, dtype=torch.long)).sum().backward()  # would fail on inference tensors
+
+
+def test_byte_dropout_drops_at_rate_p_and_keeps_the_expectation():
+    from lm.model import byte_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = byte_dropout(x, 0.2)
+    assert (y == 0).float().mean().item() == pytest.approx(51 / 256, abs=0.005)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)  # gradients flow only through kept elements
+    torch.manual_seed(1)
+    a = byte_dropout(x, 0.2)
+    torch.manual_seed(1)
+    assert torch.equal(a, byte_dropout(x, 0.2))  # follows the global seed, so resumed runs repeat it
