@@ -215,7 +215,7 @@ def bench_training(presets, precisions, steps, warmup, corpus, peaks) -> list[di
 # Generation
 
 
-def bench_generation(presets, n_chars: int, precision: str) -> list[dict]:
+def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) -> list[dict]:
     rows = []
     tokenizer = CharTokenizer(
         "".join(sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")))
@@ -229,9 +229,12 @@ def bench_generation(presets, n_chars: int, precision: str) -> list[dict]:
         speeds = {}
         for kv_cache in (True, False):
             generate(model, tokenizer, "\n", 20, seed=0, kv_cache=kv_cache)  # warm-up
-            start = time.perf_counter()
-            generate(model, tokenizer, "\n", n_chars, temperature=1.0, seed=0, kv_cache=kv_cache)
-            speeds[kv_cache] = n_chars / (time.perf_counter() - start)
+            times = []
+            for repeat in range(repeats):  # the median of a few runs: a shared machine's noise is large
+                start = time.perf_counter()
+                generate(model, tokenizer, "\n", n_chars, temperature=1.0, seed=repeat, kv_cache=kv_cache)
+                times.append(time.perf_counter() - start)
+            speeds[kv_cache] = n_chars / float(np.median(times))
         rows.append(
             {
                 "preset": preset,
