@@ -193,14 +193,12 @@ class KVCache:
     """Keys and values of every layer for the positions decoded so far, preallocated up to `max_length`."""
 
     def __init__(self, config: TransformerConfig, batch_size: int, max_length: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_length, config.head_dim)
+        # one tensor per layer (not one big one) saves an indexing op per access on the per-character hot path
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # positions filled so far
-
-    @property
-    def max_length(self) -> int:
-        return self.keys.shape[3]
+        self.max_length = max_length
 
 
 class CausalSelfAttention(nn.Module):
@@ -227,10 +225,10 @@ class CausalSelfAttention(nn.Module):
         elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
-            cache.keys[self.layer, :, :, start : start + T] = k
-            cache.values[self.layer, :, :, start : start + T] = v
-            k = cache.keys[self.layer, :, :, : start + T]
-            v = cache.values[self.layer, :, :, : start + T]
+            keys, values = cache.keys[self.layer], cache.values[self.layer]
+            keys[:, :, start : start + T] = k
+            values[:, :, start : start + T] = v
+            k, v = keys[:, :, : start + T], values[:, :, : start + T]
             # query i sits at absolute position start + i and may see keys 0 .. start + i
             mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
