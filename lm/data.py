@@ -123,7 +123,7 @@ def _scan_vocabulary(path: Path, errors: str) -> tuple[str, str]:
         codepoints = text_to_codepoints(text)
         # bincount is linear time; a sort-based unique over hundreds of millions of characters is not
         small = codepoints[codepoints < 65536]
-        seen[:65536] |= np.bincount(small, minlength=65536).astype(bool)
+        seen |= np.bincount(small, minlength=65536).astype(bool)
         beyond_bmp.update(np.unique(codepoints[codepoints >= 65536]).tolist())
     codepoints = np.flatnonzero(seen).tolist() + sorted(beyond_bmp)
     return "".join(map(chr, codepoints)), digest.hexdigest()
@@ -170,9 +170,15 @@ def encode_corpus(
 
     fresh = cache_ok(index) and index["size"] == stat.st_size and index["mtime_ns"] == stat.st_mtime_ns
     if not fresh and cache_ok(index) and index["size"] == stat.st_size and _file_sha256(path) == index["sha256"]:
-        fresh = True  # touched but unchanged
+        # touched but unchanged: record the new time, so the next open skips the hash again
+        index = {**index, "mtime_ns": stat.st_mtime_ns}
+        write_atomically(index_path, lambda tmp: tmp.write_text(json.dumps(index, ensure_ascii=False)))
+        fresh = True
     if not fresh:
+        stale = folder / index["ids_file"] if index and "ids_file" in index else None
         index = _build_cache(path, folder, index_path, decode_errors, settings)
+        if stale is not None and stale.name != index["ids_file"]:
+            stale.unlink(missing_ok=True)  # the ids of the corpus's previous contents
     ids = np.memmap(folder / index["ids_file"], dtype=np.dtype(index["dtype"]), mode="r")
     return EncodedCorpus(ids=ids, tokenizer=CharTokenizer(index["vocab"]), sha256=index["sha256"])
 

@@ -1,4 +1,5 @@
 import http.server
+import json
 import os
 import threading
 from pathlib import Path
@@ -45,10 +46,17 @@ def test_encode_corpus_caches_ids_and_reopens_without_rebuilding(corpus):
     second = encode_corpus(corpus)
     assert ids_files[0].stat().st_mtime_ns == mtime
     assert np.array_equal(np.asarray(first.ids), np.asarray(second.ids))
-    # a changed corpus gets a new cache
+    # touched but unchanged: no rebuild, and the index learns the new time
+    os.utime(corpus, ns=(corpus.stat().st_atime_ns, corpus.stat().st_mtime_ns + 10**9))
+    encode_corpus(corpus)
+    assert ids_files[0].stat().st_mtime_ns == mtime
+    index = json.loads(next(corpus.parent.glob("corpus.txt.*.lmcache.json")).read_text())
+    assert index["mtime_ns"] == corpus.stat().st_mtime_ns
+    # a changed corpus gets a new cache, and the old one is removed
     corpus.write_text(text + "Zebra!")
     third = encode_corpus(corpus)
     assert third.tokenizer.decode(np.asarray(third.ids)).endswith("Zebra!")
+    assert not ids_files[0].exists() and len(list(corpus.parent.glob("corpus.txt.*.uint8"))) == 1
 
 
 def test_encode_corpus_streams_in_chunks(monkeypatch, tmp_path):
