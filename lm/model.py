@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.errors import ConfigError
+from lm.kernels import ATTENTION_BLOCK, BlockCausalAttention, RotaryHeads, byte_dropout
 
 POSITIONAL_ENCODINGS = ("learned", "sinusoidal", "rope")
 INITS = ("gpt2", "pytorch")
@@ -146,14 +147,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Rotates `x` of shape (..., T, D) whose first position is `start`."""
-        length = x.shape[-2]
+    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the angles for positions start .. start + length - 1, each (length, head_dim)."""
         if start + length > self.cos.shape[0]:
             self._build(2 * (start + length))
-        cos, sin = self.cos[start : start + length], self.sin[start : start + length]
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+    def forward(self, x: torch.Tensor, start: int = 0, seq_dim: int = -2) -> torch.Tensor:
+        """Rotates `x` of shape (..., T, ..., D), positions along `seq_dim`, whose first position is `start`."""
+        seq_dim = seq_dim % x.dim()
+        length = x.shape[seq_dim]
+        cos, sin = self.tables(start, length)
         if cos.dtype != x.dtype:
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        broadcast = (length,) + (1,) * (x.dim() - seq_dim - 2) + (x.shape[-1],)
+        cos, sin = cos.view(broadcast), sin.view(broadcast)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -162,31 +170,28 @@ class RotaryEmbedding(nn.Module):
 # Transformer
 
 
-# On CPU, PyTorch's fused (flash) attention kernel is slower than plain matmul + softmax up to this length
-# (bf16, training step: 3.4x slower at 128, 1.1x at 256; see README "Performance"); past it, the fused
-# kernel's lower memory wins.
+# On CPU, PyTorch's fused (flash) attention kernel is slower than `lm.kernels.BlockCausalAttention` up to this length
+# (see README "Performance"); past it, the fused kernel's memory, linear in the length instead of quadratic, wins.
 EXPLICIT_ATTENTION_MAX_LENGTH = 256
 
 
-def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + causal mask) v, written out; the same result as the fused SDPA kernel."""
-    T = q.shape[-2]
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-    return byte_dropout(probs, dropout_p) @ v if dropout_p > 0 else probs @ v
+class Dropout(nn.Module):
+    """`nn.Dropout`, drawing its mask with `byte_dropout` on CPU, where `F.dropout` is slow (6 ms vs 51 ms for a
+    64 x 256 x 384 activation); elsewhere the fused `F.dropout`."""
 
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
 
-def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout whose mask comes from one random byte per element, with p rounded to a multiple of 1/256.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type == "cpu":
+            return byte_dropout(x, self.p)
+        return F.dropout(x, self.p, training=True)
 
-    On CPU, `F.dropout` draws a float per element, which for attention probabilities (batch x heads x T x T
-    values) costs more than the attention itself; a byte per element is 5x cheaper to draw (64 x 6 x 256 x 256 in
-    bf16: 44 vs 224 ms), and forward + backward drop from 253 to 185 ms.
-    """
-    threshold = round(p * 256)
-    keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_(0, 256) >= threshold
-    return x * (keep.to(x.dtype) * (256 / (256 - threshold)))
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class KVCache:
@@ -208,21 +213,26 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
-        start = cache.length if cache is not None else 0
-        if rope is not None:
-            q, k = rope(qkv[:2], start).unbind(0)  # queries and keys rotated in one go
-            v = qkv[2]
-        else:
-            q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         dropout_p = self.dropout if self.training else 0.0
         if cache is None and x.device.type == "cpu" and T <= EXPLICIT_ATTENTION_MAX_LENGTH:
-            y = explicit_causal_attention(q, k, v, dropout_p)
-        elif cache is None:
+            # the same computation as below, in hand-written forward and backward passes (lm/kernels.py)
+            cos, sin = rope.tables(0, T) if rope is not None else (None, None)
+            q, k, v = RotaryHeads.apply(qkv, cos, sin)
+            y = BlockCausalAttention.apply(q, k, v, dropout_p, ATTENTION_BLOCK)
+            y = y.view(B, self.n_head, T, self.head_dim)
+            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        start = cache.length if cache is not None else 0
+        qk, v = qkv.split([2, 1], dim=2)  # split, not indexing: its backward is one concatenation
+        if rope is not None:
+            qk = rope(qk, start, seq_dim=1)  # queries and keys rotated in one go
+        q, k = qk.unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)  # (B, H, T, D) views
+        if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
             keys, values = cache.keys[self.layer], cache.values[self.layer]
@@ -240,7 +250,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x))))
@@ -278,7 +288,7 @@ class Transformer(nn.Module):
         else:
             self.rope = RotaryEmbedding(config.head_dim, pe.base, config.seq_length)
         self.embedding_scale = math.sqrt(config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lm.errors import ConfigError
+from lm.kernels import BlockCausalAttention, RotaryHeads
 from lm.model import (
     POSITIONAL_ENCODINGS,
     ContextTooLongError,
@@ -11,7 +12,6 @@ from lm.model import (
     SinusoidalPositionalEncoding,
     Transformer,
     TransformerConfig,
-    explicit_causal_attention,
 )
 
 
@@ -45,11 +45,82 @@ def test_causality_future_tokens_do_not_change_past_logits(pe, length):
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :], atol=1e-5)
 
 
-def test_explicit_attention_matches_fused_kernel():
+@pytest.mark.parametrize("length,block", [(20, 64), (64, 16), (70, 16), (1, 8)])
+def test_block_causal_attention_matches_fused_kernel_values_and_gradients(length, block):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 20, 8) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, length, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 3, length, 8, dtype=torch.float64)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert torch.allclose(explicit_causal_attention(q, k, v, 0.0), expected, atol=1e-5)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    flat = [t.reshape(6, length, 8) for t in (q, k, v)]
+    y = BlockCausalAttention.apply(*flat, 0.0, block).view(2, 3, length, 8)
+    assert torch.allclose(y, expected, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(y, (q, k, v), grad), expected_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_block_causal_attention_dropout_gradients_and_expectation():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def attend(a, b, c):
+        torch.manual_seed(5)  # the same dropout mask on every call
+        return BlockCausalAttention.apply(a, b, c, 0.25, 16)
+
+    assert torch.autograd.gradcheck(attend, (q, k, v))
+    # averaged over masks, inverted dropout leaves the output unchanged
+    no_dropout = BlockCausalAttention.apply(q, k, v, 0.0, 16)
+    mean = sum(BlockCausalAttention.apply(q, k, v, 0.25, 16) for _ in range(400)) / 400
+    assert (mean - no_dropout).abs().mean().item() < 0.02
+    assert not torch.equal(BlockCausalAttention.apply(q, k, v, 0.25, 16), no_dropout)
+
+
+def test_block_causal_attention_in_bf16_under_autocast_stays_close_to_fp32():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = BlockCausalAttention.apply(*(t.bfloat16().view(6, 70, 16) for t in (q, k, v)), 0.0, 64)
+    assert y.dtype == torch.bfloat16
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (y.float().view(2, 3, 70, 16) - expected).abs().max().item() < 0.05
+
+
+def test_rotary_heads_matches_rope_and_reshape_values_and_gradients():
+    torch.manual_seed(0)
+    B, T, H, D = 2, 9, 3, 8
+    rope = RotaryEmbedding(D, initial_length=4).double()
+    qkv = torch.randn(B, T, 3, H, D, dtype=torch.float64, requires_grad=True)
+    grads = [torch.randn(B * H, T, D, dtype=torch.float64) for _ in range(3)]
+    qk = rope(qkv[:, :, :2], seq_dim=1)
+    expected = [t.transpose(1, 2).reshape(B * H, T, D) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2])]
+    (expected_grad,) = torch.autograd.grad(expected, qkv, grads)
+    got = RotaryHeads.apply(qkv, *rope.tables(0, T))
+    for a, b in zip(got, expected, strict=True):
+        assert a.is_contiguous() and torch.allclose(a, b, atol=1e-12)
+    (got_grad,) = torch.autograd.grad(got, qkv, grads)
+    assert torch.allclose(got_grad, expected_grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
+def test_cpu_kernels_give_the_model_the_same_logits_and_gradients_as_plain_pytorch(pe, monkeypatch):
+    import lm.model
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(pe)).double()
+    idx = torch.randint(0, 11, (3, 16))
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = model(idx)
+        logits.square().sum().backward()
+        return logits, [p.grad.clone() for p in model.parameters()]
+
+    fast, fast_grads = logits_and_grads()
+    monkeypatch.setattr(lm.model, "EXPLICIT_ATTENTION_MAX_LENGTH", 0)  # SDPA for every length
+    plain, plain_grads = logits_and_grads()
+    assert torch.allclose(fast, plain, atol=1e-10)
+    for a, b in zip(fast_grads, plain_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
 
 
 def test_rope_preserves_norms_and_scores_depend_only_on_offset():
@@ -129,12 +200,14 @@ def test_position_tables_grown_during_generation_still_train(pe):
     model(torch.zeros(2, 40, dtype=torch.long)).sum().backward()  # would fail on inference tensors
 
 
-def test_byte_dropout_drops_at_rate_p_and_keeps_the_expectation():
-    from lm.model import byte_dropout
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_byte_dropout_drops_at_rate_p_and_keeps_the_expectation(dtype):
+    from lm.kernels import byte_dropout
 
     torch.manual_seed(0)
-    x = torch.ones(200_000, requires_grad=True)
+    x = torch.ones(200_003, dtype=dtype, requires_grad=True)  # not a multiple of 8 random bytes
     y = byte_dropout(x, 0.2)
+    assert y.dtype == dtype
     assert (y == 0).float().mean().item() == pytest.approx(51 / 256, abs=0.005)
     assert y.mean().item() == pytest.approx(1.0, abs=0.01)
     y.sum().backward()

@@ -1,0 +1,139 @@
+"""Hand-written forward and backward passes for the CPU hot spots of the model in `lm.model`.
+
+On a CPU, every pass over a large tensor costs about the same whatever the arithmetic, so these functions do in
+a few passes what autograd would do in many: split the fused q/k/v projection into heads with RoPE applied
+(`RotaryHeads`), causal attention that skips the masked-out blocks (`BlockCausalAttention`), and dropout masks
+drawn a byte per element (`dropout_keep_mask`). Each is tested against the plain PyTorch expression it replaces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ATTENTION_BLOCK = 64  # query rows per block of BlockCausalAttention
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0/1 mask of `dtype` that keeps each element with probability 1 - round(256 p) / 256.
+
+    On CPU, PyTorch draws one 32-bit random number per element for `F.dropout` (and for a uint8 `random_`); here
+    every random 64-bit word gives 8 elements a byte each, which is ~9x cheaper (64 x 6 x 256 x 256: 9 vs 80 ms).
+    Comparing straight into `dtype` saves the cast a boolean mask would need when it multiplies (6 vs 36 ms).
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits
+    keep = torch.empty(shape, dtype=dtype, device=device)
+    return torch.ge(words.view(torch.uint8)[:n].view(shape), round(p * 256), out=keep)
+
+
+def dropout_scale(p: float) -> float:
+    """1 / (1 - p) for p rounded as in `dropout_keep_mask`: inverted dropout keeps the expectation."""
+    return 256 / (256 - round(p * 256))
+
+
+def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with a `dropout_keep_mask` (p rounded to a multiple of 1/256)."""
+    return x * dropout_keep_mask(x.shape, p, x.dtype, x.device) * dropout_scale(p)
+
+
+class RotaryHeads(torch.autograd.Function):
+    """Fused projections (B, T, 3, H, D) -> q, k, v, each a contiguous (B * H, T, D), RoPE applied to q and k.
+
+    The same as `rope(qkv[:, :, :2], seq_dim=1)`, unbind and reshape, but the rotation writes straight into the
+    head-major layout the attention's matrix products want: two passes over q and k instead of about nine (rotate
+    half's negation and concatenation, the products, the sum, the layout copy; the same again backward).
+    cos, sin: (T, D) tables as `RotaryEmbedding` builds them (both halves equal), or None for no rotation.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+        B, T, _, H, D = qkv.shape
+        outputs = [torch.empty(B, H, T, D, dtype=qkv.dtype, device=qkv.device) for _ in range(3)]
+        for i, out in enumerate(outputs):
+            source, target = qkv[:, :, i], out.transpose(1, 2)  # both (B, T, H, D)
+            if cos is None or i == 2:
+                target.copy_(source)
+            else:  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with the halves' shared angles
+                rotate(source, target, cos, sin)
+        ctx.save_for_backward(cos, sin)
+        ctx.shape = qkv.shape
+        return tuple(out.view(B * H, T, D) for out in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cos, sin = ctx.saved_tensors
+        B, T, _, H, D = ctx.shape
+        dqkv = torch.empty(ctx.shape, dtype=grads[0].dtype, device=grads[0].device)
+        for i, grad in enumerate(grads):
+            source, target = grad.view(B, H, T, D).transpose(1, 2), dqkv[:, :, i]
+            if cos is None or i == 2:
+                target.copy_(source)
+            else:  # the transpose of a rotation is the rotation by the opposite angle
+                rotate(source, target, cos, -sin)
+        return dqkv, None, None
+
+
+def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """out = RoPE(x) for x, out of shape (B, T, H, D) with any strides; cos, sin: (T, D)."""
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :half].to(x.dtype), sin[:, None, :half].to(x.dtype)  # (T, 1, D/2), broadcast over heads
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s)
+
+
+class BlockCausalAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(D) + causal mask), dropout, times v; forward and backward written out for the CPU.
+
+    q, k, v: (N, T, D). Query rows go in blocks of `block`, and each block meets only the keys up to its last row,
+    so the masked-out upper triangle is mostly never computed: (1 + block / T) / 2 of the T x T scores are (5/8 at
+    T = 256). Everything runs in q's dtype, as fused kernels do: under autocast the softmax would otherwise run in
+    fp32, casting the largest tensors of the model to fp32 and back. Backward uses the flash-attention identity
+    rowsum(dP * P) = rowsum(dy * y), a sum over D instead of T. Saves the probabilities and the kept probabilities
+    of each block (no dropout: the probabilities once).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p: float, block: int):
+        T, D = q.shape[-2:]
+        outputs, saved = [], []
+        with torch.autocast(q.device.type, enabled=False):
+            for start in range(0, T, block):
+                end = min(start + block, T)
+                future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1)
+                bias = torch.zeros(end - start, end, dtype=q.dtype, device=q.device).masked_fill_(future, -math.inf)
+                probs = torch.baddbmm(bias, q[:, start:end], k[:, :end].transpose(1, 2), alpha=D**-0.5).softmax(-1)
+                kept = probs
+                if dropout_p > 0:
+                    kept = probs * dropout_keep_mask(probs.shape, dropout_p, probs.dtype, probs.device)
+                    saved.append(probs)
+                saved.append(kept)
+                outputs.append(torch.bmm(kept, v[:, :end]))
+            y = torch.cat(outputs, dim=1)  # without the dropout scale, which backward's rowsum identity wants
+        ctx.dropout_p, ctx.block = dropout_p, block
+        ctx.save_for_backward(q, k, v, y, *saved)
+        return y * dropout_scale(dropout_p) if dropout_p > 0 else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, y, *saved = ctx.saved_tensors
+        T, D = q.shape[-2:]
+        with torch.autocast(q.device.type, enabled=False):
+            dy = dy.to(q.dtype) * dropout_scale(ctx.dropout_p) if ctx.dropout_p > 0 else dy.to(q.dtype)
+            rowsum = torch.linalg.vecdot(dy, y).unsqueeze(-1)  # = rowsum(d_kept * kept)
+            dq, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
+            per_block = 2 if ctx.dropout_p > 0 else 1
+            for i, start in enumerate(range(0, T, ctx.block)):
+                end = min(start + ctx.block, T)
+                probs, kept = saved[per_block * i], saved[per_block * i + per_block - 1]
+                dy_block = dy[:, start:end]
+                dv[:, :end].baddbmm_(kept.transpose(1, 2), dy_block)
+                # d(scores) = P * (dP - rowsum(dP * P)), with dP = d_kept * mask and P * mask = kept
+                d_scores = torch.bmm(dy_block, v[:, :end].transpose(1, 2)).mul_(kept)
+                d_scores.addcmul_(probs, rowsum[:, start:end], value=-1)
+                dq.append(torch.bmm(d_scores, k[:, :end]).mul_(D**-0.5))
+                dk[:, :end].baddbmm_(d_scores.transpose(1, 2), q[:, start:end], alpha=D**-0.5)
+            dq = torch.cat(dq, dim=1)
+        return dq, dk, dv, None, None
