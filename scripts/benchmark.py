@@ -179,6 +179,76 @@ def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus:
     return {"step_s": float(np.median(times))}
 
 
+class NanoGPTReference(torch.nn.Module):
+    """nanoGPT's model.py, condensed: learned positions, SDPA attention with dropout, `nn.Dropout`, GELU MLP,
+    LayerNorm without bias, tied head. The baseline the performance targets are set against."""
+
+    def __init__(self, vocab_size: int, seq_length: int, n_layer: int, n_head: int, n_embd: int, dropout: float):
+        super().__init__()
+        nn = torch.nn
+        self.n_head, self.dropout = n_head, dropout
+        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(seq_length, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList(
+            nn.ModuleDict(
+                dict(
+                    ln_1=nn.LayerNorm(n_embd, bias=False),
+                    c_attn=nn.Linear(n_embd, 3 * n_embd, bias=False),
+                    attn_proj=nn.Linear(n_embd, n_embd, bias=False),
+                    attn_drop=nn.Dropout(dropout),
+                    ln_2=nn.LayerNorm(n_embd, bias=False),
+                    c_fc=nn.Linear(n_embd, 4 * n_embd, bias=False),
+                    mlp_proj=nn.Linear(4 * n_embd, n_embd, bias=False),
+                    mlp_drop=nn.Dropout(dropout),
+                )
+            )
+            for _ in range(n_layer)
+        )
+        self.ln_f = nn.LayerNorm(n_embd, bias=False)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        for h in self.h:
+            q, k, v = h.c_attn(h.ln_1(x)).split(x.shape[-1], dim=2)
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            x = x + h.attn_drop(h.attn_proj(y.transpose(1, 2).contiguous().view(B, T, -1)))
+            x = x + h.mlp_drop(h.mlp_proj(F.gelu(h.c_fc(h.ln_2(x)))))
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def reference_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path) -> dict:
+    """nanoGPT's train.py loop on its model: AdamW (fused only on CUDA, as nanoGPT does), clipping at 1.0, and for
+    bf16 the autocast context nanoGPT uses on GPUs (on a CPU it trains in fp32: `nullcontext`)."""
+    p = PRESETS[preset]
+    torch.manual_seed(0)
+    datamodule = CharDataModule(path=str(corpus), seq_length=p["seq_length"], batch_size=p["batch_size"])
+    batches = datamodule.train_dataloader().dataset
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = {k: p[k] for k in ("n_layer", "n_head", "n_embd", "dropout")}
+    model = NanoGPTReference(datamodule.tokenizer.vocab_size, p["seq_length"], **sizes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=device == "cuda")
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        x, y = (t.contiguous().to(device) for t in batches.batch(i))  # nanoGPT's get_batch stacks rows
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"step_s": float(np.median(times))}
+
+
 def bench_training(presets, precisions, steps, warmup, corpus, peaks) -> list[dict]:
     rows = []
     for preset in presets:
@@ -208,6 +278,24 @@ def bench_training(presets, precisions, steps, warmup, corpus, peaks) -> list[di
                 file=sys.stderr,
                 flush=True,
             )
+    return rows
+
+
+def bench_reference(presets, steps, warmup, corpus, training_rows) -> list[dict]:
+    """nanoGPT's loop in fp32 and bf16 per preset, against our fastest Lightning step of the same preset."""
+    rows = []
+    for preset in presets:
+        ours = [r for r in training_rows if r["preset"] == preset]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["ms_per_step"])
+        row = {"preset": preset, "ours_precision": best["precision"], "ours_ms": best["ms_per_step"]}
+        for precision, key in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
+            ms = 1000 * reference_training(preset, precision, steps, warmup, corpus)["step_s"]
+            row[f"nanogpt_{key}_ms"] = ms
+            row[f"speedup_vs_{key}"] = ms / best["ms_per_step"]
+            print(f"  nanoGPT {preset} {precision}: {ms:.0f} ms/step", file=sys.stderr, flush=True)
+        rows.append(row)
     return rows
 
 
@@ -297,6 +385,7 @@ def bench_corpus(size_mb: int, steps: int) -> dict:
 
 
 PERCENT_COLUMNS = {"mfu", "data_share", "lightning_overhead"}
+TIMES_COLUMNS = {"speedup_vs_fp32", "speedup_vs_bf16"}
 
 
 def markdown(rows: list[dict], columns: dict[str, str]) -> str:
@@ -305,6 +394,8 @@ def markdown(rows: list[dict], columns: dict[str, str]) -> str:
             return "-"
         if key in PERCENT_COLUMNS:
             return f"{v:.1%}"
+        if key in TIMES_COLUMNS:
+            return f"{v:.2f}x"
         if isinstance(v, float):
             return f"{v:,.2f}" if abs(v) < 10 else f"{v:,.0f}"
         return str(v)
@@ -322,7 +413,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--generate-chars", type=int, default=1000)
     parser.add_argument("--corpus-mb", type=int, default=100)
-    parser.add_argument("--only", default="peak,train,generate,corpus", help="which parts to run")
+    parser.add_argument(
+        "--only", default="peak,train,reference,generate,corpus", help="which parts to run (reference needs train)"
+    )
     parser.add_argument("--skip", default="", help="parts to leave out")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark.json"))
     args = parser.parse_args()
@@ -395,6 +488,25 @@ def main() -> None:
                 )
                 + "\n"
             )
+            if "reference" in parts:
+                rows = bench_reference(presets, args.steps, args.warmup, corpus, rows)
+                report["reference"] = rows
+                print("## Against nanoGPT's model and training loop (plain PyTorch), same sizes and batches\n")
+                print(
+                    markdown(
+                        rows,
+                        {
+                            "preset": "preset",
+                            "ours_precision": "ours: precision",
+                            "ours_ms": "ours: ms/step",
+                            "nanogpt_fp32_ms": "nanoGPT fp32 ms/step",
+                            "nanogpt_bf16_ms": "nanoGPT bf16 autocast ms/step",
+                            "speedup_vs_fp32": "speed-up vs fp32",
+                            "speedup_vs_bf16": "speed-up vs bf16",
+                        },
+                    )
+                    + "\n"
+                )
     if "generate" in parts:
         rows = bench_generation(presets, args.generate_chars, "fp32")
         report["generation"] = rows
