@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import time
 from pathlib import Path
 
@@ -62,3 +64,22 @@ def measure_matmul_peak(dtype: torch.dtype, device: str = "cpu", size: int = 204
         runs += 1
         sync()
     return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def retain_freed_memory() -> bool:
+    """Makes glibc's malloc keep freed memory for reuse instead of handing it back to the kernel (Linux only).
+
+    PyTorch's CPU allocator has no cache of its own: each large tensor is a fresh mmap whose pages the kernel
+    zero-fills on first touch, and is unmapped again when freed. A training step allocates gigabytes of
+    activations, so it spends much of its time in page faults (base preset, bf16: 260k faults and 0.46 s of
+    system time per 2.3 s step). With mmap and trimming off, freed blocks are reused from the heap: 1.9 s per step,
+    25% faster in fp32, the same peak memory. Returns whether the setting took effect (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # another C library (musl), or none by that name
+        return False

@@ -30,7 +30,7 @@ from lightning.fabric.utilities.throughput import measure_flops
 
 from lm.data import CharDataModule, encode_corpus
 from lm.generate import generate
-from lm.hardware import bf16_supported, measure_matmul_peak
+from lm.hardware import bf16_supported, measure_matmul_peak, retain_freed_memory
 from lm.model import Transformer, TransformerConfig
 from lm.module import LanguageModel, cosine_schedule, parameter_groups
 from lm.tokenizer import CharTokenizer
@@ -222,9 +222,11 @@ class NanoGPTReference(torch.nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-def reference_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path) -> dict:
+def reference_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path, queue=None) -> dict:
     """nanoGPT's train.py loop on its model: AdamW (fused only on CUDA, as nanoGPT does), clipping at 1.0, and for
-    bf16 the autocast context nanoGPT uses on GPUs (on a CPU it trains in fp32: `nullcontext`)."""
+    bf16 the autocast context nanoGPT uses on GPUs (on a CPU it trains in fp32: `nullcontext`). Run in a fresh
+    process (`in_child`), so none of this process's settings (`retain_freed_memory`) apply to it."""
+    warnings.filterwarnings("ignore")
     p = PRESETS[preset]
     torch.manual_seed(0)
     datamodule = CharDataModule(path=str(corpus), seq_length=p["seq_length"], batch_size=p["batch_size"])
@@ -246,7 +248,21 @@ def reference_training(preset: str, precision: str, steps: int, warmup: int, cor
         loss.item()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return {"step_s": float(np.median(times))}
+    result = {"step_s": float(np.median(times))}
+    if queue is not None:
+        queue.put(result)
+    return result
+
+
+def in_child(target, *args):
+    """Runs target(*args, queue) in a spawned process and returns what it puts on the queue."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
 
 
 def bench_training(presets, precisions, steps, warmup, corpus, peaks) -> list[dict]:
@@ -291,7 +307,7 @@ def bench_reference(presets, steps, warmup, corpus, training_rows) -> list[dict]
         best = min(ours, key=lambda r: r["ms_per_step"])
         row = {"preset": preset, "ours_precision": best["precision"], "ours_ms": best["ms_per_step"]}
         for precision, key in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
-            ms = 1000 * reference_training(preset, precision, steps, warmup, corpus)["step_s"]
+            ms = 1000 * in_child(reference_training, preset, precision, steps, warmup, corpus)["step_s"]
             row[f"nanogpt_{key}_ms"] = ms
             row[f"speedup_vs_{key}"] = ms / best["ms_per_step"]
             print(f"  nanoGPT {preset} {precision}: {ms:.0f} ms/step", file=sys.stderr, flush=True)
@@ -348,6 +364,7 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) ->
 
 def _corpus_child(size_mb: int, steps: int, queue) -> None:
     warnings.filterwarnings("ignore")
+    retain_freed_memory()  # as scripts/train.py does
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.txt"
         synthetic_corpus(path, size_mb * 2**20)
@@ -372,13 +389,7 @@ def _corpus_child(size_mb: int, steps: int, queue) -> None:
 
 
 def bench_corpus(size_mb: int, steps: int) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_corpus_child, args=(size_mb, steps, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    return in_child(_corpus_child, size_mb, steps)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -420,6 +431,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    retain_freed_memory()  # as scripts/train.py does (malloc_reuse=true); the nanoGPT reference runs without it
     parts = [p for p in args.only.split(",") if p not in args.skip.split(",")]
     presets = [p for p in args.presets.split(",") if p]
     for p in presets:

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import ConfigError
-from lm.hardware import resolve_precision, training_device_type
+from lm.hardware import resolve_precision, retain_freed_memory, training_device_type
 from lm.model import TransformerConfig
 from lm.module import LanguageModel
 
@@ -65,6 +65,8 @@ def log_into_resumed_run(argv: list[str]) -> list[str]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one training job; returns the final metrics (val/loss, val/bpc, ...)."""
     ckpt_path = resume_checkpoint(cfg)  # fail fast on a bad resume= or ckpt_path=
+    if cfg.malloc_reuse:
+        retain_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     tokenizer = datamodule.tokenizer  # opens (and if needed downloads and encodes) the corpus
