@@ -35,7 +35,8 @@ def dropout_scale(p: float) -> float:
 
 def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout with a `dropout_keep_mask` (p rounded to a multiple of 1/256)."""
-    return x * dropout_keep_mask(x.shape, p, x.dtype, x.device) * dropout_scale(p)
+    # the scale goes into the mask, so backward is one product too
+    return x * dropout_keep_mask(x.shape, p, x.dtype, x.device).mul_(dropout_scale(p))
 
 
 class RotaryHeads(torch.autograd.Function):
@@ -98,6 +99,7 @@ class BlockCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, dropout_p: float, block: int):
         T, D = q.shape[-2:]
+        scale = dropout_scale(dropout_p) if dropout_p > 0 else 1.0  # inverted dropout's 1 / (1 - p)
         outputs, saved = [], []
         with torch.autocast(q.device.type, enabled=False):
             for start in range(0, T, block):
@@ -110,30 +112,32 @@ class BlockCausalAttention(torch.autograd.Function):
                     kept = probs * dropout_keep_mask(probs.shape, dropout_p, probs.dtype, probs.device)
                     saved.append(probs)
                 saved.append(kept)
-                outputs.append(torch.bmm(kept, v[:, :end]))
-            y = torch.cat(outputs, dim=1)  # without the dropout scale, which backward's rowsum identity wants
-        ctx.dropout_p, ctx.block = dropout_p, block
+                outputs.append(torch.baddbmm(probs.new_empty(()), kept, v[:, :end], beta=0, alpha=scale))
+            y = torch.cat(outputs, dim=1)
+        ctx.dropout_scale, ctx.block, ctx.per_block = scale, block, 2 if dropout_p > 0 else 1
         ctx.save_for_backward(q, k, v, y, *saved)
-        return y * dropout_scale(dropout_p) if dropout_p > 0 else y
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         q, k, v, y, *saved = ctx.saved_tensors
         T, D = q.shape[-2:]
+        scale = ctx.dropout_scale
         with torch.autocast(q.device.type, enabled=False):
-            dy = dy.to(q.dtype) * dropout_scale(ctx.dropout_p) if ctx.dropout_p > 0 else dy.to(q.dtype)
-            rowsum = torch.linalg.vecdot(dy, y).unsqueeze(-1)  # = rowsum(d_kept * kept)
+            dy = dy.to(q.dtype)
+            # rowsum(dP * P) = rowsum(dy * y): with dP = scale * d_kept * mask, the scale is folded in below
+            rowsum = torch.linalg.vecdot(dy, y).unsqueeze(-1) / scale
             dq, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
-            per_block = 2 if ctx.dropout_p > 0 else 1
+            per_block = ctx.per_block
             for i, start in enumerate(range(0, T, ctx.block)):
                 end = min(start + ctx.block, T)
                 probs, kept = saved[per_block * i], saved[per_block * i + per_block - 1]
                 dy_block = dy[:, start:end]
-                dv[:, :end].baddbmm_(kept.transpose(1, 2), dy_block)
-                # d(scores) = P * (dP - rowsum(dP * P)), with dP = d_kept * mask and P * mask = kept
+                dv[:, :end].baddbmm_(kept.transpose(1, 2), dy_block, alpha=scale)
+                # d(scores) / scale = P * (dP - rowsum(dP * P)) / scale, with P * mask = kept
                 d_scores = torch.bmm(dy_block, v[:, :end].transpose(1, 2)).mul_(kept)
                 d_scores.addcmul_(probs, rowsum[:, start:end], value=-1)
-                dq.append(torch.bmm(d_scores, k[:, :end]).mul_(D**-0.5))
-                dk[:, :end].baddbmm_(d_scores.transpose(1, 2), q[:, start:end], alpha=D**-0.5)
+                dq.append(torch.baddbmm(d_scores.new_empty(()), d_scores, k[:, :end], beta=0, alpha=scale * D**-0.5))
+                dk[:, :end].baddbmm_(d_scores.transpose(1, 2), q[:, start:end], alpha=scale * D**-0.5)
             dq = torch.cat(dq, dim=1)
         return dq, dk, dv, None, None

@@ -222,11 +222,9 @@ class NanoGPTReference(torch.nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-def reference_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path, queue=None) -> dict:
+def reference_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path) -> dict:
     """nanoGPT's train.py loop on its model: AdamW (fused only on CUDA, as nanoGPT does), clipping at 1.0, and for
-    bf16 the autocast context nanoGPT uses on GPUs (on a CPU it trains in fp32: `nullcontext`). Run in a fresh
-    process (`in_child`), so none of this process's settings (`retain_freed_memory`) apply to it."""
-    warnings.filterwarnings("ignore")
+    bf16 the autocast context nanoGPT uses on GPUs (on a CPU it trains in fp32: `nullcontext`)."""
     p = PRESETS[preset]
     torch.manual_seed(0)
     datamodule = CharDataModule(path=str(corpus), seq_length=p["seq_length"], batch_size=p["batch_size"])
@@ -248,17 +246,22 @@ def reference_training(preset: str, precision: str, steps: int, warmup: int, cor
         loss.item()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    result = {"step_s": float(np.median(times))}
-    if queue is not None:
-        queue.put(result)
-    return result
+    return {"step_s": float(np.median(times))}
 
 
-def in_child(target, *args):
-    """Runs target(*args, queue) in a spawned process and returns what it puts on the queue."""
+def _child(target, args, retain_memory: bool, queue) -> None:
+    warnings.filterwarnings("ignore")
+    if retain_memory:
+        retain_freed_memory()  # as scripts/train.py does (malloc_reuse=true)
+    queue.put(target(*args))
+
+
+def in_child(target, *args, retain_memory: bool = True):
+    """Runs target(*args) in a fresh process and returns its result: every measurement starts from the same state
+    (an earlier one's heap or caches cannot help or hurt it), and its peak memory is its own."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=target, args=(*args, queue))
+    child = ctx.Process(target=_child, args=(target, args, retain_memory, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -272,8 +275,8 @@ def bench_training(presets, precisions, steps, warmup, corpus, peaks) -> list[di
         tokens = p["batch_size"] * p["seq_length"]
         flops = flops_per_batch(model_config(preset), p["batch_size"])
         for precision in precisions:
-            lit = lightning_training(preset, precision, steps, warmup, corpus)
-            plain = plain_training(preset, precision, steps, warmup, corpus)
+            lit = in_child(lightning_training, preset, precision, steps, warmup, corpus)
+            plain = in_child(plain_training, preset, precision, steps, warmup, corpus)
             peak = peaks["bf16" if precision == "bf16-mixed" else "fp32"]
             row = {
                 "preset": preset,
@@ -307,7 +310,9 @@ def bench_reference(presets, steps, warmup, corpus, training_rows) -> list[dict]
         best = min(ours, key=lambda r: r["ms_per_step"])
         row = {"preset": preset, "ours_precision": best["precision"], "ours_ms": best["ms_per_step"]}
         for precision, key in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
-            ms = 1000 * in_child(reference_training, preset, precision, steps, warmup, corpus)["step_s"]
+            # nanoGPT as shipped: without this project's malloc setting
+            run = in_child(reference_training, preset, precision, steps, warmup, corpus, retain_memory=False)
+            ms = 1000 * run["step_s"]
             row[f"nanogpt_{key}_ms"] = ms
             row[f"speedup_vs_{key}"] = ms / best["ms_per_step"]
             print(f"  nanoGPT {preset} {precision}: {ms:.0f} ms/step", file=sys.stderr, flush=True)
@@ -362,9 +367,7 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) ->
 # Big corpus (in a child process, so its memory figures are its own)
 
 
-def _corpus_child(size_mb: int, steps: int, queue) -> None:
-    warnings.filterwarnings("ignore")
-    retain_freed_memory()  # as scripts/train.py does
+def corpus_preparation(size_mb: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.txt"
         synthetic_corpus(path, size_mb * 2**20)
@@ -376,20 +379,18 @@ def _corpus_child(size_mb: int, steps: int, queue) -> None:
         encode_corpus(path)
         open_s = time.perf_counter() - start
         train = lightning_training("small", "bf16-mixed" if bf16_supported("cpu") else "32-true", steps, 1, path)
-        queue.put(
-            {
-                "corpus_mb": size_mb,
-                "prepare_s": prepare_s,
-                "open_s": open_s,
-                "prepare_peak_rss_mb": prepare_rss / 2**20,
-                "train_peak_rss_mb": peak_rss_bytes() / 2**20,
-                "train_ms_per_step": 1000 * train["step_s"],
-            }
-        )
+        return {
+            "corpus_mb": size_mb,
+            "prepare_s": prepare_s,
+            "open_s": open_s,
+            "prepare_peak_rss_mb": prepare_rss / 2**20,
+            "train_peak_rss_mb": peak_rss_bytes() / 2**20,
+            "train_ms_per_step": 1000 * train["step_s"],
+        }
 
 
 def bench_corpus(size_mb: int, steps: int) -> dict:
-    return in_child(_corpus_child, size_mb, steps)
+    return in_child(corpus_preparation, size_mb, steps)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -431,7 +432,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    retain_freed_memory()  # as scripts/train.py does (malloc_reuse=true); the nanoGPT reference runs without it
     parts = [p for p in args.only.split(",") if p not in args.skip.split(",")]
     presets = [p for p in args.presets.split(",") if p]
     for p in presets:

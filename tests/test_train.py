@@ -94,6 +94,18 @@ def test_training_by_epochs(tmp_path, corpus):
     assert "val/loss=" in result.stderr
 
 
+def test_time_budget_stops_training_after_a_final_validation(tmp_path, corpus):
+    result = run_train(
+        [f"data.path={corpus}", *TINY, "logger=csv", "trainer.max_steps=1000000", "trainer.max_time=00:00:00:03"],
+        tmp_path,
+    )
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 0 < checkpoint["global_step"] < 1000000
+    assert (run / "csv" / "metrics.csv").read_text().count("val/loss") == 1
+    assert "final val/bpc=" in result.stderr
+
+
 def test_tiny_model_overfits_a_tiny_repeated_corpus(tmp_path):
     path = tmp_path / "repeat.txt"
     path.write_text("the quick brown fox jumps over the lazy dog. " * 60)
