@@ -116,7 +116,7 @@ def test_cpu_kernels_give_the_model_the_same_logits_and_gradients_as_plain_pytor
         return logits, [p.grad.clone() for p in model.parameters()]
 
     fast, fast_grads = logits_and_grads()
-    monkeypatch.setattr(lm.model, "EXPLICIT_ATTENTION_MAX_LENGTH", 0)  # SDPA for every length
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)  # SDPA for every length
     plain, plain_grads = logits_and_grads()
     assert torch.allclose(fast, plain, atol=1e-10)
     for a, b in zip(fast_grads, plain_grads, strict=True):
