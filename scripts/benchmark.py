@@ -161,9 +161,8 @@ def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus:
     model = Transformer(model_config(preset, datamodule.tokenizer.vocab_size)).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-3, weight_decay=0.1, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, 100, 5000, 0.1))
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+
+    def step(i: int) -> None:
         x, y = (t.to(device) for t in batches.batch(i))
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             logits = model(x)
@@ -174,9 +173,19 @@ def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
+
+    return {"step_s": median_step_time(step, warmup, steps)}
+
+
+def median_step_time(step, warmup: int, steps: int) -> float:
+    """Median wall time of step(i) for i = warmup .. warmup + steps - 1, after `warmup` untimed calls."""
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step(i)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return {"step_s": float(np.median(times))}
+    return float(np.median(times))
 
 
 class NanoGPTReference(torch.nn.Module):
@@ -233,9 +242,8 @@ def reference_training(preset: str, precision: str, steps: int, warmup: int, cor
     sizes = {k: p[k] for k in ("n_layer", "n_head", "n_embd", "dropout")}
     model = NanoGPTReference(datamodule.tokenizer.vocab_size, p["seq_length"], **sizes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=device == "cuda")
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+
+    def step(i: int) -> None:
         x, y = (t.contiguous().to(device) for t in batches.batch(i))  # nanoGPT's get_batch stacks rows
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             loss = model(x, y)
@@ -244,9 +252,8 @@ def reference_training(preset: str, precision: str, steps: int, warmup: int, cor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return {"step_s": float(np.median(times))}
+
+    return {"step_s": median_step_time(step, warmup, steps)}
 
 
 def _child(target, args, retain_memory: bool, queue) -> None:
