@@ -100,12 +100,17 @@ class LMThroughputMonitor(ThroughputMonitor):
 
 
 class TextSample(L.Callback):
-    """Prints a short sample at the end of training and logs it (TensorBoard text, or the logger's own way)."""
+    """Prints a short sample at the end of training and logs it (TensorBoard text, or the logger's own way).
+
+    With no `prompt`, the sample starts from the first character of the validation split, which is in the
+    vocabulary of any corpus. Training is over by then: a failure while sampling (a prompt character the corpus
+    never had, say) is reported as a warning and never fails the run.
+    """
 
     def __init__(
         self,
         max_new_tokens: int = 300,
-        prompt: str = "\n",
+        prompt: str | None = None,
         temperature: float = 0.8,
         top_k: int | None = None,
         seed: int = 0,
@@ -120,21 +125,34 @@ class TextSample(L.Callback):
         )
         self.output_dir = output_dir
 
+    def start_text(self, trainer: L.Trainer, pl_module) -> str:
+        if self.prompt:
+            return self.prompt
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "split"):
+            return pl_module.tokenizer.decode(datamodule.split("val")[:1])
+        return pl_module.tokenizer.vocab[0]
+
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if self.max_new_tokens <= 0:
             return
-        # a compiled model (model.compile=true) would recompile for every generation length: run it eagerly
-        with torch.compiler.set_stance("force_eager"):
-            text = generate(
-                pl_module.model,
-                pl_module.tokenizer,
-                self.prompt,
-                self.max_new_tokens,
-                temperature=self.temperature,
-                top_k=self.top_k,
-                seed=self.seed,
-            )[0]
+        try:
+            # a compiled model (model.compile=true) would recompile for every generation length: run it eagerly
+            with torch.compiler.set_stance("force_eager"):
+                text = generate(
+                    pl_module.model,
+                    pl_module.tokenizer,
+                    self.start_text(trainer, pl_module),
+                    self.max_new_tokens,
+                    temperature=self.temperature,
+                    top_k=self.top_k,
+                    seed=self.seed,
+                )[0]
+        except Exception as error:  # the run has finished and its checkpoints are written: warn, do not fail
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"warning: no end-of-run sample ({message}); training itself finished.", file=sys.stderr)
+            return
         print(f"\n----- sample after {trainer.global_step} steps -----\n{text}\n" + "-" * 40, file=sys.stderr)
         if self.output_dir:
             (Path(self.output_dir) / "sample.txt").write_text(text)

@@ -11,9 +11,11 @@ import codecs
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import sys
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/mast
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 IGNORE_INDEX = -100  # targets with this id do not count in the loss
 CHUNK_BYTES = 16 * 1024 * 1024
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the index records the number of ids and their crc32
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -41,10 +43,12 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Calls `write(tmp)` on a temporary file beside `path`, then renames it into place.
 
     A crash or a concurrent writer never leaves a half-written `path`; the temporary file is removed on error.
+    The file gets the permissions any new file in that folder gets (0666 less the umask), not mkstemp's 0600, so
+    the other users of a shared data folder can read it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -174,6 +178,9 @@ def encode_corpus(
         index = {**index, "mtime_ns": stat.st_mtime_ns}
         write_atomically(index_path, lambda tmp: tmp.write_text(json.dumps(index, ensure_ascii=False)))
         fresh = True
+    if fresh and (problem := _ids_problem(folder / index["ids_file"], index)):
+        print(f"The id cache {folder / index['ids_file']} {problem}; rebuilding it from {path}.", file=sys.stderr)
+        fresh = False
     if not fresh:
         stale = folder / index["ids_file"] if index and "ids_file" in index else None
         index = _build_cache(path, folder, index_path, decode_errors, settings)
@@ -191,10 +198,15 @@ def _build_cache(path: Path, folder: Path, index_path: Path, decode_errors: str,
     tokenizer = CharTokenizer(vocab)
     ids_name = f"{path.name}.{sha256[:16]}.{tokenizer.dtype.name}"
 
+    n_ids, crc32 = 0, 0
+
     def write_ids(tmp: Path) -> None:
+        nonlocal n_ids, crc32
         with open(tmp, "wb") as out:
             for text, _ in _decoded_chunks(path, decode_errors):
-                tokenizer.encode_codepoints(text_to_codepoints(text)).tofile(out)
+                ids = tokenizer.encode_codepoints(text_to_codepoints(text))
+                n_ids, crc32 = n_ids + len(ids), zlib.crc32(ids, crc32)
+                ids.tofile(out)
 
     write_atomically(folder / ids_name, write_ids)
     index = {
@@ -205,9 +217,24 @@ def _build_cache(path: Path, folder: Path, index_path: Path, decode_errors: str,
         "vocab": vocab,
         "dtype": tokenizer.dtype.name,
         "ids_file": ids_name,
+        "n_ids": n_ids,
+        "crc32": crc32,
     }
     write_atomically(index_path, lambda tmp: tmp.write_text(json.dumps(index, ensure_ascii=False)))
     return index
+
+
+def _ids_problem(ids_path: Path, index: dict) -> str | None:
+    """What is wrong with an id cache file against its index (length first: a stat), or None when it matches."""
+    expected = index["n_ids"] * np.dtype(index["dtype"]).itemsize
+    actual = ids_path.stat().st_size
+    if actual != expected:
+        return f"has {actual} bytes, not the {expected} its index records"
+    ids = np.memmap(ids_path, dtype=np.uint8, mode="r")
+    crc32 = 0
+    for start in range(0, len(ids), CHUNK_BYTES):
+        crc32 = zlib.crc32(ids[start : start + CHUNK_BYTES], crc32)
+    return None if crc32 == index["crc32"] else "does not match the checksum its index records"
 
 
 def _read_json(path: Path) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -9,25 +10,34 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 
 from lm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from lm.data import IGNORE_INDEX
-from lm.errors import TrainingDivergedError
+from lm.errors import ConfigError, TrainingDivergedError
 from lm.model import Transformer, TransformerConfig
 from lm.tokenizer import CharTokenizer
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
 
-def cosine_schedule(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
+SCHEDULE_CLOCKS = ("steps", "time")
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_progress: float, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio` as
+    `decay_progress` goes from 0 to 1 (held at the end past 1)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    progress = min(1.0, max(0.0, decay_progress))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_schedule(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """`warmup_cosine` on the step clock: the decay ends at `total_steps`."""
+    progress = (step - warmup_steps) / (total_steps - warmup_steps) if total_steps > warmup_steps else 0.0
+    return warmup_cosine(step, warmup_steps, progress, min_lr_ratio)
 
 
 def parameter_groups(model: torch.nn.Module) -> list[dict]:
@@ -48,8 +58,11 @@ class LanguageModel(L.LightningModule):
         vocab: the tokenizer's vocabulary, stored in every checkpoint so decoding needs no corpus.
         optimizer: builds the optimizer from parameter groups (e.g. a partial of torch.optim.AdamW); its
             weight decay applies to weight matrices only.
-        warmup_steps, min_lr_ratio: the learning-rate schedule (see `cosine_schedule`).
+        warmup_steps, min_lr_ratio: the learning-rate schedule (see `warmup_cosine`).
         total_steps: where the cosine decay ends; None means the run's own length (max_steps or epochs).
+        clock: 'steps' (the decay follows the step count: repeatable step for step) or 'time' (it follows the
+            trainer's time budget, `max_time`: after the warmup steps, progress is the share of the budget left
+            at the end of warmup that has been used, so the decay ends on time on a fast or a slow machine).
     """
 
     def __init__(
@@ -60,13 +73,18 @@ class LanguageModel(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         total_steps: int | None = None,
+        clock: str = "steps",
     ):
         super().__init__()
+        if clock not in SCHEDULE_CLOCKS:
+            raise ConfigError(f"lr_schedule.clock={clock!r} is not one of {', '.join(SCHEDULE_CLOCKS)}.")
         self.config = config
         self.tokenizer = CharTokenizer(vocab)
         self.model = Transformer(config)
         self.optimizer_factory = optimizer
         self.warmup_steps, self.min_lr_ratio, self.total_steps = warmup_steps, min_lr_ratio, total_steps
+        self.clock = clock
+        self.warmup_end_s: float | None = None  # time-clock runs: the training time at which warmup ended
         self.val_loss = MeanMetric()
 
     def setup(self, stage: str) -> None:
@@ -133,11 +151,42 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
-        total_steps = self.total_steps or int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_schedule(step, self.warmup_steps, total_steps, self.min_lr_ratio)
-        )
+        if self.clock == "time":
+            multiplier = self.time_schedule(self.training_timer())
+        else:
+            total_steps = self.total_steps or int(self.trainer.estimated_stepping_batches)
+            multiplier = functools.partial(
+                cosine_schedule, warmup_steps=self.warmup_steps, total_steps=total_steps, min_lr_ratio=self.min_lr_ratio
+            )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def training_timer(self) -> Timer:
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining() is None:
+            raise ConfigError(
+                "lr_schedule.clock=time follows the time budget, but the run has none; set trainer.max_time "
+                "(DD:HH:MM:SS), or use lr_schedule.clock=steps."
+            )
+        return timer
+
+    def time_schedule(self, timer: Timer) -> Callable[[int], float]:
+        """The multiplier on the time clock: the same warmup in steps, then a cosine that ends with the budget."""
+        duration = timer.time_elapsed() + timer.time_remaining()
+
+        def multiplier(step: int) -> float:
+            if step < self.warmup_steps:
+                return warmup_cosine(step, self.warmup_steps, 0.0, self.min_lr_ratio)
+            elapsed = timer.time_elapsed("train")
+            if self.trainer.world_size > 1:  # every process must step with the same learning rate
+                elapsed = self.trainer.strategy.broadcast(elapsed)
+            if self.warmup_end_s is None:
+                self.warmup_end_s = elapsed
+            remaining = duration - self.warmup_end_s
+            progress = (elapsed - self.warmup_end_s) / remaining if remaining > 0 else 1.0
+            return warmup_cosine(step, self.warmup_steps, progress, self.min_lr_ratio)
+
+        return multiplier
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = {
@@ -148,10 +197,12 @@ class LanguageModel(L.LightningModule):
         }
         # dropout's random stream, so a resumed run draws the same masks as an uninterrupted one
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        checkpoint["lr_schedule"] = {"warmup_end_s": self.warmup_end_s}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.warmup_end_s = checkpoint.get("lr_schedule", {}).get("warmup_end_s")
         states = checkpoint.get("rng_states", {})
         if "torch" in states:
             torch.set_rng_state(states["torch"].cpu())

@@ -41,8 +41,19 @@ def full_errors() -> bool:
     return os.environ.get("LM_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
+def close_progress_bars() -> None:
+    """Closes any open tqdm bar now: left to the interpreter's exit, its last redraw lands after our error line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def report_errors(fn: Callable) -> Callable:
-    """Runs `fn`; a project error (`LMError`) prints as one line on stderr and exits with status 1.
+    """Runs `fn`; a project error (`LMError`) prints as one line on stderr, the last thing the run prints, and
+    exits with status 1.
 
     Set LM_FULL_ERROR=1 (or HYDRA_FULL_ERROR=1) to see the full traceback instead.
     """
@@ -53,6 +64,8 @@ def report_errors(fn: Callable) -> Callable:
         except LMError as error:
             if full_errors():
                 raise
+            close_progress_bars()
+            sys.stdout.flush()
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(getattr(error, "exit_code", 1))
 

@@ -14,7 +14,9 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,12 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import ROOT
+from _nanogpt import NanoGPTReference
 from lightning.fabric.utilities.throughput import measure_flops
 
 from lm.data import CharDataModule, encode_corpus
 from lm.generate import generate
 from lm.hardware import bf16_supported, measure_matmul_peak, retain_freed_memory
-from lm.model import Transformer, TransformerConfig
+from lm.model import Transformer, TransformerConfig, decode_linear
 from lm.module import LanguageModel, cosine_schedule, parameter_groups
 from lm.tokenizer import CharTokenizer
 
@@ -188,49 +191,6 @@ def median_step_time(step, warmup: int, steps: int) -> float:
     return float(np.median(times))
 
 
-class NanoGPTReference(torch.nn.Module):
-    """nanoGPT's model.py, condensed: learned positions, SDPA attention with dropout, `nn.Dropout`, GELU MLP,
-    LayerNorm without bias, tied head. The baseline the performance targets are set against."""
-
-    def __init__(self, vocab_size: int, seq_length: int, n_layer: int, n_head: int, n_embd: int, dropout: float):
-        super().__init__()
-        nn = torch.nn
-        self.n_head, self.dropout = n_head, dropout
-        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(seq_length, n_embd)
-        self.drop = nn.Dropout(dropout)
-        self.h = nn.ModuleList(
-            nn.ModuleDict(
-                dict(
-                    ln_1=nn.LayerNorm(n_embd, bias=False),
-                    c_attn=nn.Linear(n_embd, 3 * n_embd, bias=False),
-                    attn_proj=nn.Linear(n_embd, n_embd, bias=False),
-                    attn_drop=nn.Dropout(dropout),
-                    ln_2=nn.LayerNorm(n_embd, bias=False),
-                    c_fc=nn.Linear(n_embd, 4 * n_embd, bias=False),
-                    mlp_proj=nn.Linear(4 * n_embd, n_embd, bias=False),
-                    mlp_drop=nn.Dropout(dropout),
-                )
-            )
-            for _ in range(n_layer)
-        )
-        self.ln_f = nn.LayerNorm(n_embd, bias=False)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.wte.weight = self.lm_head.weight
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        B, T = idx.shape
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
-        for h in self.h:
-            q, k, v = h.c_attn(h.ln_1(x)).split(x.shape[-1], dim=2)
-            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
-            dropout_p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            x = x + h.attn_drop(h.attn_proj(y.transpose(1, 2).contiguous().view(B, T, -1)))
-            x = x + h.mlp_drop(h.mlp_proj(F.gelu(h.c_fc(h.ln_2(x)))))
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-
-
 def reference_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path) -> dict:
     """nanoGPT's train.py loop on its model: AdamW (fused only on CUDA, as nanoGPT does), clipping at 1.0, and for
     bf16 the autocast context nanoGPT uses on GPUs (on a CPU it trains in fp32: `nullcontext`)."""
@@ -307,7 +267,7 @@ def bench_training(presets, precisions, steps, warmup, corpus, peaks) -> list[di
     return rows
 
 
-def bench_reference(presets, steps, warmup, corpus, training_rows) -> list[dict]:
+def bench_reference(presets, precisions, steps, warmup, corpus, training_rows) -> list[dict]:
     """nanoGPT's loop in fp32 and bf16 per preset, against our fastest Lightning step of the same preset."""
     rows = []
     for preset in presets:
@@ -317,6 +277,8 @@ def bench_reference(presets, steps, warmup, corpus, training_rows) -> list[dict]
         best = min(ours, key=lambda r: r["ms_per_step"])
         row = {"preset": preset, "ours_precision": best["precision"], "ours_ms": best["ms_per_step"]}
         for precision, key in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
+            if precision not in precisions:
+                continue
             # nanoGPT as shipped: without this project's malloc setting
             run = in_child(reference_training, preset, precision, steps, warmup, corpus, retain_memory=False)
             ms = 1000 * run["step_s"]
@@ -331,43 +293,142 @@ def bench_reference(presets, steps, warmup, corpus, training_rows) -> list[dict]
 # Generation
 
 
+def weight_pass_seconds(model: Transformer, repeats: int = 50) -> float:
+    """One pass over the weights, as a decoding step makes it: a one-row product with every weight matrix (through
+    `decode_linear`, as the step does). No step can be faster than this: the limit of batch-1 decoding."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {m.in_features: torch.ones(1, m.in_features, device=m.weight.device, dtype=m.weight.dtype) for m in linears}
+
+    def one_pass():
+        for m in linears:
+            decode_linear(rows[m.in_features], m)
+
+    with torch.inference_mode():
+        return median_step_time(lambda i: one_pass(), 5, repeats)
+
+
+def chars_per_second(model, tokenizer, n_chars: int, repeats: int, **kwargs) -> float:
+    """Total characters per second (all samples), the median of `repeats` runs after a warm-up."""
+    generate(model, tokenizer, "\n", 20, seed=0, **kwargs)  # warm-up (and, with compile=True, the compilation)
+    times = []
+    for repeat in range(repeats):  # the median of a few runs: a shared machine's noise is large
+        start = time.perf_counter()
+        generate(model, tokenizer, "\n", n_chars, temperature=1.0, seed=repeat, **kwargs)
+        times.append(time.perf_counter() - start)
+    return n_chars * kwargs.get("num_samples", 1) / float(np.median(times))
+
+
 def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) -> list[dict]:
     rows = []
-    tokenizer = CharTokenizer(
-        "".join(sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")))
-    )
+    tokenizer = CharTokenizer("".join(sorted(set(SHAKESPEARE_ALPHABET))))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for preset in presets:
         torch.manual_seed(0)
         model = Transformer(model_config(preset, tokenizer.vocab_size)).to(device).eval()
         if precision == "bf16":
             model = model.to(torch.bfloat16)
-        speeds = {}
-        for kv_cache in (True, False):
-            generate(model, tokenizer, "\n", 20, seed=0, kv_cache=kv_cache)  # warm-up
-            times = []
-            for repeat in range(repeats):  # the median of a few runs: a shared machine's noise is large
-                start = time.perf_counter()
-                generate(model, tokenizer, "\n", n_chars, temperature=1.0, seed=repeat, kv_cache=kv_cache)
-                times.append(time.perf_counter() - start)
-            speeds[kv_cache] = n_chars / float(np.median(times))
-        rows.append(
-            {
-                "preset": preset,
-                "precision": precision,
-                "context": model.config.seq_length,
-                "chars": n_chars,
-                "chars_per_s_cache": speeds[True],
-                "chars_per_s_no_cache": speeds[False],
-                "cache_speedup": speeds[True] / speeds[False],
-            }
-        )
+        cached = chars_per_second(model, tokenizer, n_chars, repeats)
+        start = time.perf_counter()
+        generate(model, tokenizer, "\n", 2, compile=True)  # the second character takes the compiled step
+        compile_s = time.perf_counter() - start
+        weight_pass = weight_pass_seconds(model)
+        row = {
+            "preset": preset,
+            "precision": precision,
+            "context": model.config.seq_length,
+            "chars": n_chars,
+            "chars_per_s_cache": cached,
+            "chars_per_s_compiled": chars_per_second(model, tokenizer, n_chars, repeats, compile=True),
+            "compile_s": compile_s,
+            "chars_per_s_8_streams": chars_per_second(model, tokenizer, n_chars, repeats, num_samples=8),
+            "chars_per_s_no_cache": chars_per_second(model, tokenizer, n_chars, repeats, kv_cache=False),
+            "weight_pass_ms": 1000 * weight_pass,
+            "limit_chars_per_s": 1 / weight_pass,
+        }
+        row["cache_speedup"] = row["chars_per_s_cache"] / row["chars_per_s_no_cache"]
+        row["streams_speedup"] = row["chars_per_s_8_streams"] / row["chars_per_s_cache"]
+        rows.append(row)
         print(
-            f"  generate {preset} {precision}: {speeds[True]:.0f} chars/s cached, {speeds[False]:.0f} uncached",
+            f"  generate {preset} {precision}: {cached:.0f} chars/s cached, {row['chars_per_s_compiled']:.0f} "
+            f"compiled, {row['chars_per_s_8_streams']:.0f} in 8 streams, {row['chars_per_s_no_cache']:.0f} "
+            f"uncached; weight pass {row['weight_pass_ms']:.2f} ms",
             file=sys.stderr,
             flush=True,
         )
     return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quality per wall time: our default run against nanoGPT's CPU recipe, each a fresh process on the real corpus
+
+
+def timed_command(cmd: list[str]) -> tuple[float, str, str]:
+    """Runs `cmd` to the end; its wall time (start-up included), stdout and stderr. A failure stops the benchmark."""
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return seconds, result.stdout, result.stderr
+
+
+def nanogpt_run(corpus: Path, max_iters: int) -> dict:
+    seconds, stdout, _ = timed_command([sys.executable, str(ROOT / "scripts" / "_nanogpt.py"), str(corpus),
+                                        "--max-iters", str(max_iters)])  # fmt: skip
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {"wall_s": seconds, "val_loss": result["val_loss"], "iters": max_iters}
+
+
+def our_run(out_dir: Path, name: str, max_time_s: float | None) -> dict:
+    """`python scripts/train.py` with the defaults, or with its time budget set to `max_time_s`."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={out_dir / name}"]
+    if max_time_s is not None:
+        minutes, seconds = divmod(int(max_time_s), 60)
+        cmd.append(f"trainer.max_time=00:00:{minutes:02d}:{seconds:02d}")
+    seconds, _, stderr = timed_command(cmd)
+    final = re.search(r"final .*val/loss=([0-9.]+)", stderr)
+    budget = re.search(r"a time budget of (\S+) ", stderr)
+    if final is None or budget is None:
+        sys.exit(f"error: no final val/loss or time budget in the output of {' '.join(cmd)}:\n{stderr[-3000:]}")
+    hms = [int(x) for x in budget.group(1).split(":")]
+    return {
+        "wall_s": seconds,
+        "val_loss": float(final.group(1)),
+        "budget_s": sum(x * 60**i for i, x in enumerate(reversed(hms))),
+    }
+
+
+def bench_quality(out_dir: Path) -> dict:
+    """Validation loss at equal wall time, start-up included: nanoGPT's CPU recipe as documented, our default run
+    given nanoGPT's wall time, our default five-minute run, and nanoGPT's recipe stretched to that time."""
+    datamodule = CharDataModule(data_dir=str(ROOT / "data"))
+    datamodule.prepare_data()  # Tiny Shakespeare: downloaded once, or the copy in data/
+    corpus = datamodule.corpus_path
+    print("  quality: nanoGPT's CPU recipe (2000 iterations)", file=sys.stderr, flush=True)
+    nanogpt = nanogpt_run(corpus, 2000)
+    print(f"    {nanogpt['wall_s']:.0f} s, val {nanogpt['val_loss']:.4f}", file=sys.stderr, flush=True)
+    print("  quality: ours, default five-minute run", file=sys.stderr, flush=True)
+    ours_default = our_run(out_dir, "default", None)
+    # what a run costs besides its training budget: start-up, the last validation, the sample
+    overhead = ours_default["wall_s"] - ours_default["budget_s"]
+    print(f"    {ours_default['wall_s']:.0f} s, val {ours_default['val_loss']:.4f}", file=sys.stderr, flush=True)
+    print("  quality: ours, given nanoGPT's wall time", file=sys.stderr, flush=True)
+    ours_short = our_run(out_dir, "nanogpt_time", nanogpt["wall_s"] - overhead)
+    print(f"    {ours_short['wall_s']:.0f} s, val {ours_short['val_loss']:.4f}", file=sys.stderr, flush=True)
+    iters = round(2000 * ours_default["wall_s"] / nanogpt["wall_s"])
+    print(f"  quality: nanoGPT's recipe stretched to {iters} iterations", file=sys.stderr, flush=True)
+    nanogpt_long = nanogpt_run(corpus, iters)
+    print(f"    {nanogpt_long['wall_s']:.0f} s, val {nanogpt_long['val_loss']:.4f}", file=sys.stderr, flush=True)
+    return {
+        "rows": [
+            {"run": "nanoGPT CPU recipe (2000 iterations)", "budget": "short", **nanogpt},
+            {"run": "ours, default run with nanoGPT's wall time", "budget": "short", **ours_short},
+            {"run": f"nanoGPT CPU recipe stretched ({iters} iterations)", "budget": "long", **nanogpt_long},
+            {"run": "ours, default run (python scripts/train.py)", "budget": "long", **ours_default},
+        ],
+        "gain_at_nanogpt_time": nanogpt["val_loss"] - ours_short["val_loss"],
+        "gain_at_default_time": nanogpt_long["val_loss"] - ours_default["val_loss"],
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -404,7 +465,8 @@ def bench_corpus(size_mb: int, steps: int) -> dict:
 
 
 PERCENT_COLUMNS = {"mfu", "data_share", "lightning_overhead"}
-TIMES_COLUMNS = {"speedup_vs_fp32", "speedup_vs_bf16"}
+LOSS_COLUMNS = {"val_loss"}
+TIMES_COLUMNS = {"speedup_vs_fp32", "speedup_vs_bf16", "cache_speedup", "streams_speedup"}
 
 
 def markdown(rows: list[dict], columns: dict[str, str]) -> str:
@@ -413,6 +475,8 @@ def markdown(rows: list[dict], columns: dict[str, str]) -> str:
             return "-"
         if key in PERCENT_COLUMNS:
             return f"{v:.1%}"
+        if key in LOSS_COLUMNS:
+            return f"{v:.4f}"
         if key in TIMES_COLUMNS:
             return f"{v:.2f}x"
         if isinstance(v, float):
@@ -427,13 +491,21 @@ def markdown(rows: list[dict], columns: dict[str, str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="tiny,small,base", help="comma-separated: tiny, small, base")
-    parser.add_argument("--precisions", default="bf16-mixed,32-true", help="Lightning precisions to train in")
+    parser.add_argument(
+        "--precisions",
+        default="auto",
+        help="Lightning precisions to train in; auto: bf16-mixed and 32-true where the hardware has native bf16, "
+        "else 32-true only (emulated bf16 is ~100x slower than fp32 there)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--generate-chars", type=int, default=1000)
     parser.add_argument("--corpus-mb", type=int, default=100)
     parser.add_argument(
-        "--only", default="peak,train,reference,generate,corpus", help="which parts to run (reference needs train)"
+        "--only",
+        default="peak,train,reference,generate,corpus",
+        help="which parts to run (reference needs train); also quality (about 15 minutes on a slow CPU), which "
+        "runs only when named",
     )
     parser.add_argument("--skip", default="", help="parts to leave out")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark.json"))
@@ -468,23 +540,25 @@ def main() -> None:
         f"torch {torch.__version__})\n"
     )
 
+    precisions = [p for p in args.precisions.split(",") if p]
+    if precisions == ["auto"]:
+        precisions = ["bf16-mixed", "32-true"] if bf16_supported(device) else ["32-true"]
+        if not bf16_supported(device):
+            print("No native bf16 here: bf16 is left out (--precisions bf16-mixed,32-true to measure it anyway).\n")
     peaks = {"bf16": None, "fp32": None}
     if "peak" in parts or "train" in parts:
         peaks = {
-            "bf16": measure_matmul_peak(torch.bfloat16, device),
+            "bf16": measure_matmul_peak(torch.bfloat16, device) if "bf16-mixed" in precisions else None,
             "fp32": measure_matmul_peak(torch.float32, device),
         }
         report["matmul_peak_flops"] = peaks
-        print(
-            f"Matrix-multiply peak (2048x2048): bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s, "
-            f"fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s\n"
-        )
+        bf16 = f"bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s, " if peaks["bf16"] else ""
+        print(f"Matrix-multiply peak (2048x2048): {bf16}fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s\n")
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         synthetic_corpus(corpus, 2 * 2**20)
         if "train" in parts:
-            precisions = [p for p in args.precisions.split(",") if p]
             rows = bench_training(presets, precisions, args.steps, args.warmup, corpus, peaks)
             report["training"] = rows
             print("## Training step (Lightning, as scripts/train.py runs it) vs a plain PyTorch loop\n")
@@ -508,7 +582,7 @@ def main() -> None:
                 + "\n"
             )
             if "reference" in parts:
-                rows = bench_reference(presets, args.steps, args.warmup, corpus, rows)
+                rows = bench_reference(presets, precisions, args.steps, args.warmup, corpus, rows)
                 report["reference"] = rows
                 print("## Against nanoGPT's model and training loop (plain PyTorch), same sizes and batches\n")
                 print(
@@ -529,7 +603,7 @@ def main() -> None:
     if "generate" in parts:
         rows = bench_generation(presets, args.generate_chars, "fp32")
         report["generation"] = rows
-        print(f"## Generation of {args.generate_chars} characters (batch 1, fp32)\n")
+        print(f"## Generation of {args.generate_chars} characters (fp32, sampling at temperature 1)\n")
         print(
             markdown(
                 rows,
@@ -537,11 +611,31 @@ def main() -> None:
                     "preset": "preset",
                     "context": "context",
                     "chars_per_s_cache": "chars/s, KV cache",
+                    "chars_per_s_compiled": "chars/s, compiled step",
+                    "compile_s": "compile s",
+                    "chars_per_s_8_streams": "chars/s, 8 streams (total)",
                     "chars_per_s_no_cache": "chars/s, no cache",
-                    "cache_speedup": "cache speed-up",
+                    "weight_pass_ms": "one pass over the weights, ms",
+                    "limit_chars_per_s": "limit chars/s (batch 1)",
                 },
             )
             + "\n"
+        )
+    if "quality" in parts:
+        quality = bench_quality(Path(args.out).parent / "quality")
+        report["quality"] = quality
+        print("## Validation loss at equal wall time (Tiny Shakespeare, start-up included)\n")
+        print(
+            markdown(
+                quality["rows"],
+                {"run": "run", "wall_s": "wall s", "val_loss": "val loss"},
+            )
+            + "\n"
+        )
+        print(
+            "Ours: over the whole validation split. nanoGPT: its own estimate (mean of 20 random batches of 12 x 64).\n"
+            f"Ours lower by {quality['gain_at_nanogpt_time']:.3f} nats at nanoGPT's wall time and "
+            f"{quality['gain_at_default_time']:.3f} at the default run's.\n"
         )
     if "corpus" in parts:
         row = bench_corpus(args.corpus_mb, args.steps)

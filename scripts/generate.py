@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from lm.checkpoint import load_model
 from lm.errors import ConfigError
-from lm.generate import check_sampling_args, generate
+from lm.generate import check_sampling_args, default_prompt, generate
 
 
 def quote_prompt_argument(argv: list[str]) -> list[str]:
@@ -47,11 +47,11 @@ def run(cfg: DictConfig) -> None:
     print(
         f"[generate] {model.config.n_layer} layers x {model.config.n_embd}, "
         f"{model.config.pos_encoding.name} positions, context {model.config.seq_length}, on {device}, "
-        f"kv_cache={cfg.kv_cache}",
+        f"kv_cache={cfg.kv_cache}, compile={cfg.compile}",
         file=sys.stderr,
         flush=True,
     )
-    prompt = str(cfg.prompt) or "\n"
+    prompt = str(cfg.prompt) or default_prompt(tokenizer)
     tokenizer.encode(prompt)  # unknown characters: one clear sentence before any output
     seed = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**31)  # printed, so any text can be redone
 
@@ -59,34 +59,38 @@ def run(cfg: DictConfig) -> None:
         sys.stdout.write(tokenizer.decode(ids))
         sys.stdout.flush()
 
-    for i in range(cfg.num_samples):
-        if cfg.num_samples > 1:
+    # one sample streams as it is made; several are made together, as one batch (about as fast as one), then printed
+    sys.stdout.write(prompt if cfg.num_samples == 1 else "")
+    sys.stdout.flush()
+    start = time.perf_counter()
+    texts = generate(
+        model,
+        tokenizer,
+        prompt,
+        cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        num_samples=cfg.num_samples,
+        seed=seed,
+        kv_cache=cfg.kv_cache,
+        on_token=stream if cfg.num_samples == 1 else None,
+        compile=cfg.compile,
+    )
+    elapsed = time.perf_counter() - start
+    if cfg.num_samples > 1:
+        for i, text in enumerate(texts):
             print(f"\n----- sample {i + 1} of {cfg.num_samples} -----", file=sys.stderr, flush=True)
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-        start = time.perf_counter()
-
-        generate(
-            model,
-            tokenizer,
-            prompt,
-            cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            seed=seed + i,
-            kv_cache=cfg.kv_cache,
-            on_token=stream,
-        )
-        elapsed = time.perf_counter() - start
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        print(
-            f"[generate] {cfg.max_new_tokens} characters in {elapsed:.2f} s "
-            f"({cfg.max_new_tokens / max(elapsed, 1e-9):.0f} chars/s), seed {seed + i}",
-            file=sys.stderr,
-            flush=True,
-        )
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    total = cfg.max_new_tokens * cfg.num_samples
+    print(
+        f"[generate] {total} characters in {elapsed:.2f} s ({total / max(elapsed, 1e-9):.0f} chars/s), seed {seed}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="generate", version_base="1.3")

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import ConfigError
-from lm.hardware import resolve_precision, retain_freed_memory, training_device_type
+from lm.hardware import emulated_bf16_warning, resolve_precision, retain_freed_memory, training_device_type
 from lm.model import TransformerConfig
 from lm.module import LanguageModel
 
@@ -61,6 +61,43 @@ def log_into_resumed_run(argv: list[str]) -> list[str]:
     return [*argv, f"hydra.run.dir={run_dir}"]
 
 
+def run_length(cfg: DictConfig) -> tuple[dict, str]:
+    """The trainer's limits and the learning-rate schedule's clock.
+
+    A run that sets no length of its own (trainer.max_steps, max_epochs or max_time) trains for
+    `default_time_budget`. The schedule follows steps when the run is bounded by steps or epochs (max_time is then
+    only a guard), and the clock when it is bounded by time alone; lr_schedule.clock=steps|time says so instead.
+    """
+    trainer = cfg.trainer
+    by_steps = (trainer.max_steps or -1) > 0 or (trainer.max_epochs or -1) > 0
+    max_time = trainer.max_time if (by_steps or trainer.max_time) else cfg.default_time_budget
+    clock = cfg.lr_schedule.clock
+    if clock == "auto":
+        clock = "steps" if by_steps else "time"
+    return {"max_steps": trainer.max_steps or -1, "max_time": max_time}, clock
+
+
+# Where training runs in fp32 (no native bf16: ~4-10x fewer FLOP/s than bf16 CPUs), five minutes of `small` leave it
+# undertrained; 4 x 128 at twice the learning rate ends lower (README "The default run" has the runs).
+FP32_SIZE = ["model=mini"]
+FP32_LR = ["optimizer.lr=4e-3"]
+
+
+def size_for_this_machine(argv: list[str]) -> list[str]:
+    """Adds `model=mini optimizer.lr=4e-3` to a command that picks no model size (no model=, experiment= or debug=)
+    when it will train in fp32, so the default run is sized for the machine. The override shows in the run's name
+    and its .hydra/overrides.yaml like one typed by hand; an explicit model= always wins."""
+    if any(a.lstrip("+~").startswith(("model=", "experiment=", "debug=")) for a in argv[1:]):
+        return argv
+    value = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv[1:] if "=" in a and not a.startswith("-")}
+    device_type = training_device_type(value.get("trainer.accelerator", "auto"))
+    precision, _ = resolve_precision(value.get("trainer.precision", "auto"), device_type)
+    if "16" in precision:  # bf16 or fp16: the fast kind
+        return argv
+    picks_optimizer = any(a.lstrip("+~").startswith("optimizer") for a in argv[1:])
+    return [*argv, *FP32_SIZE, *([] if picks_optimizer else FP32_LR)]
+
+
 @report_errors
 def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one training job; returns the final metrics (val/loss, val/bpc, ...)."""
@@ -74,7 +111,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     compile_model = model_cfg.pop("compile", False)
     config = TransformerConfig(vocab_size=tokenizer.vocab_size, **model_cfg)
-    module = LanguageModel(config, tokenizer.vocab, optimizer=instantiate(cfg.optimizer), **cfg.lr_schedule)
+    limits, clock = run_length(cfg)
+    schedule = {**OmegaConf.to_container(cfg.lr_schedule), "clock": clock}
+    module = LanguageModel(config, tokenizer.vocab, optimizer=instantiate(cfg.optimizer), **schedule)
     if compile_model:
         module.model.compile()  # in place: checkpoints keep the plain parameter names
 
@@ -82,18 +121,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     precision, note = resolve_precision(trainer_cfg.precision, training_device_type(trainer_cfg.accelerator))
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer: L.Trainer = instantiate(trainer_cfg, precision=precision, logger=loggers or False, callbacks=callbacks)
+    trainer: L.Trainer = instantiate(
+        trainer_cfg, **limits, precision=precision, logger=loggers or False, callbacks=callbacks
+    )
 
     if trainer.is_global_zero:
+        if warning := emulated_bf16_warning(precision, training_device_type(trainer_cfg.accelerator)):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        if clock == "time":
+            length = f"a time budget of {limits['max_time']}"
+        else:
+            length = f"{limits['max_steps']} steps" if limits["max_steps"] > 0 else f"{trainer_cfg.max_epochs} epochs"
         print(
-            f"[transformer-lm] {note}; {config.n_layer} layers x {config.n_embd} wide, "
+            f"[transformer-lm] {note}; {length} (learning rate follows the {clock} clock); "
+            f"{config.n_layer} layers x {config.n_embd} wide, "
             f"{module.model.num_parameters() / 1e6:.2f}M parameters, vocabulary of {tokenizer.vocab_size}, "
             f"run dir {cfg.paths.run_dir}",
             file=sys.stderr,
             flush=True,
         )
     hparams = OmegaConf.to_container(cfg, resolve=True)
-    hparams["trainer"]["precision"] = precision
+    hparams["trainer"].update(precision=precision, **limits)
+    hparams["lr_schedule"]["clock"] = clock
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
@@ -115,5 +164,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = log_into_resumed_run(sys.argv)
+    sys.argv = size_for_this_machine(log_into_resumed_run(sys.argv))
     main()

@@ -214,3 +214,40 @@ def test_offline_without_a_copy_says_where_to_put_the_file(tmp_path):
     dm = CharDataModule(data_dir=str(tmp_path / "data"), url="http://127.0.0.1:9/none.txt")
     with pytest.raises(DataError, match="data.path="):
         dm.load()
+
+
+def _cache_files(corpus):
+    (ids_file,) = corpus.parent.glob("corpus.txt.*.uint8")
+    (index_file,) = corpus.parent.glob("corpus.txt.*.lmcache.json")
+    return ids_file, index_file
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_byte"])
+def test_a_damaged_id_cache_is_rebuilt_with_one_line(corpus, capsys, damage):
+    text = corpus.read_text()
+    encode_corpus(corpus)
+    ids_file, index_file = _cache_files(corpus)
+    assert json.loads(index_file.read_text())["n_ids"] == len(text)
+    data = bytearray(ids_file.read_bytes())
+    if damage == "truncate":
+        ids_file.write_bytes(data[:1000])
+    else:  # same length, one id changed in the middle: only the checksum can tell
+        data[len(data) // 2] ^= 1
+        ids_file.write_bytes(bytes(data))
+    capsys.readouterr()
+    reopened = encode_corpus(corpus)
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "rebuilding it" in message and str(ids_file) in message
+    assert reopened.tokenizer.decode(np.asarray(reopened.ids)) == text
+    encode_corpus(corpus)  # mended: the next open is quiet
+    assert capsys.readouterr().err == ""
+
+
+def test_cache_files_get_the_folders_usual_permissions(corpus):
+    umask = os.umask(0o022)
+    try:
+        encode_corpus(corpus)
+    finally:
+        os.umask(umask)
+    for path in _cache_files(corpus):
+        assert path.stat().st_mode & 0o777 == 0o644, path  # 0666 less the umask, as for any new file

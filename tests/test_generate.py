@@ -45,6 +45,27 @@ def test_incremental_logits_match_full_forward(pe):
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
+@pytest.mark.parametrize("batch", [1, 3])  # one row takes the CPU's row-block products, several the plain ones
+def test_decode_step_matches_full_forward_at_every_position(pe, batch):
+    model = random_model(pe)
+    idx = torch.randint(0, len(VOCAB), (batch, 24))
+    with torch.inference_mode():
+        full = model(idx)
+        cache = KVCache(model.config, batch, 24, "cpu", torch.float32)
+        model(idx[:, :5], cache)
+        for t in range(5, 24):
+            logits = model.decode_step(idx[:, t], cache.positions[t], cache)
+            cache.length += 1
+            assert torch.allclose(logits, full[:, t], atol=1e-4), f"position {t}"
+
+
+def test_compiled_decoding_gives_the_same_greedy_text():
+    model, tok = random_model("rope"), CharTokenizer(VOCAB)
+    kwargs = dict(prompt="To be", max_new_tokens=40, temperature=0)  # past the context: the cache is rebuilt
+    assert generate(model, tok, compile=True, **kwargs) == generate(model, tok, **kwargs)
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
 def test_greedy_text_is_identical_with_and_without_cache(pe):
     model, tok = random_model(pe), CharTokenizer(VOCAB)
     for prompt in ("To be", "To be, or not to be:"):  # shorter and longer than half the context

@@ -111,6 +111,8 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, c
     match = re.search(r"loss became (nan|inf|-inf) (at|after) step (\d+)", result.stderr)
     assert match, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    # the error is the last thing the run prints: the progress bar's last redraw does not bury it
+    assert result.stderr.rstrip().splitlines()[-1].startswith("error: The ")
     checkpoint = last_checkpoint(only_run(tmp_path / "outputs"))
     assert 0 < checkpoint["global_step"] < int(match.group(3))  # the last checkpoint before the divergence
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())

@@ -16,6 +16,7 @@ from lm.model import TransformerConfig
 from lm.module import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # import train (scripts/train.py) in tests
 TINY = [
     "model=tiny",
     "data.seq_length=32",
@@ -158,3 +159,98 @@ def test_gradients_are_clipped_with_the_fused_optimizer(precision):
     module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     total = torch.nn.utils.get_total_norm([p.grad for p in module.parameters()])
     assert total == pytest.approx(1.0, rel=1e-4)
+
+
+def test_a_corpus_without_newlines_trains_and_samples_from_its_own_text(tmp_path):
+    path = tmp_path / "dna.txt"
+    rng = __import__("random").Random(0)
+    path.write_text("".join(rng.choice("ACGT") for _ in range(6000)))  # one line, no newline anywhere
+    result = run_train([f"data.path={path}", *TINY, "trainer.max_steps=6"], tmp_path)
+    assert "final val/bpc=" in result.stderr and "warning" not in result.stderr
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    sample = (run / "sample.txt").read_text()
+    assert len(sample) == 21 and set(sample) <= set("ACGT")
+    assert sample[0] == path.read_text()[-600]  # the first character of the validation split (the last 10%)
+
+
+def test_a_failed_sample_is_a_warning_not_a_failed_run(tmp_path, corpus):
+    result = run_train(
+        [f"data.path={corpus}", *TINY, "trainer.max_steps=4", "callbacks.text_sample.prompt='§'"], tmp_path
+    )
+    assert "warning: no end-of-run sample" in result.stderr and "§" in result.stderr
+    assert "final val/bpc=" in result.stderr
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "sample.txt").exists()
+
+
+def test_a_time_budget_alone_drives_the_schedule_to_its_end(tmp_path, corpus):
+    result = run_train(
+        [
+            f"data.path={corpus}",
+            *TINY,
+            "trainer.max_time=00:00:00:04",
+            "trainer.log_every_n_steps=1",
+            "lr_schedule.warmup_steps=5",
+            "optimizer.lr=1e-3",
+        ],
+        tmp_path,
+    )
+    assert "a time budget of 00:00:00:04 (learning rate follows the time clock)" in result.stderr
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    lrs = scalars(run)["lr-AdamW/pg1"]
+    assert len(lrs) > 20, "a four-second budget holds many tiny steps"
+    assert lrs[:5] == pytest.approx([1e-3 * (i + 1) / 5 for i in range(5)])  # warmup in steps
+    decay = lrs[5:]
+    assert all(b <= a + 1e-12 for a, b in zip(decay, decay[1:], strict=False)), "the cosine only goes down"
+    assert decay[0] > 0.9e-3 and decay[-1] < 1.1e-4  # from the peak to min_lr_ratio * lr, ending with the budget
+    assert "final val/bpc=" in result.stderr
+
+
+def test_a_run_with_no_length_gets_the_default_time_budget_and_steps_stay_steps(tmp_path):
+    import train  # scripts/train.py
+    from omegaconf import OmegaConf
+
+    base = {"default_time_budget": "00:00:04:45", "lr_schedule": {"clock": "auto"}}
+    trainer = {"max_steps": None, "max_epochs": None, "max_time": None}
+    cfg = OmegaConf.create({**base, "trainer": trainer})
+    assert train.run_length(cfg) == ({"max_steps": -1, "max_time": "00:00:04:45"}, "time")
+    cfg = OmegaConf.create({**base, "trainer": {**trainer, "max_steps": 300}})
+    assert train.run_length(cfg) == ({"max_steps": 300, "max_time": None}, "steps")
+    cfg = OmegaConf.create({**base, "trainer": {**trainer, "max_steps": 300, "max_time": "00:01:00:00"}})
+    assert train.run_length(cfg) == ({"max_steps": 300, "max_time": "00:01:00:00"}, "steps")  # time: a guard
+    cfg = OmegaConf.create({**base, "trainer": {**trainer, "max_epochs": 2}})
+    assert train.run_length(cfg)[1] == "steps"
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_default_run_is_sized_for_the_machine(monkeypatch, native_bf16):
+    import train  # scripts/train.py
+
+    monkeypatch.setattr(train, "training_device_type", lambda accelerator: "cpu")
+    monkeypatch.setattr("lm.hardware.cpu_supports_bf16", lambda: native_bf16)
+    added = [] if native_bf16 else ["model=mini", "optimizer.lr=4e-3"]
+    assert train.size_for_this_machine(["train.py"]) == ["train.py", *added]
+    assert train.size_for_this_machine(["train.py", "-m", "pos_encoding=learned,rope"])[3:] == added
+    # an explicit size, recipe or precision decides instead
+    for argv in (
+        ["train.py", "model=small"],
+        ["train.py", "experiment=shakespeare_hour"],
+        ["train.py", "debug=default"],
+    ):
+        assert train.size_for_this_machine(argv) == argv
+    assert train.size_for_this_machine(["train.py", "trainer.precision=bf16-mixed"]) == [
+        "train.py",
+        "trainer.precision=bf16-mixed",
+    ]
+    fp32 = train.size_for_this_machine(["train.py", "trainer.precision=32-true", "optimizer=adafactor"])
+    assert fp32[-1] == "model=mini"  # an optimizer of your choosing keeps its own learning rate
+
+
+def test_bf16_on_a_cpu_that_only_emulates_it_gets_a_warning(monkeypatch):
+    from lm import hardware
+
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
+    assert "very slow" in hardware.emulated_bf16_warning("bf16-mixed", "cpu")
+    assert hardware.emulated_bf16_warning("32-true", "cpu") is None
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
+    assert hardware.emulated_bf16_warning("bf16-mixed", "cpu") is None
