@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -381,6 +382,7 @@ def nanogpt_run(corpus: Path, max_iters: int) -> dict:
 
 def our_run(out_dir: Path, name: str, max_time_s: float | None) -> dict:
     """`python scripts/train.py` with the defaults, or with its time budget set to `max_time_s`."""
+    shutil.rmtree(out_dir / name, ignore_errors=True)  # a fresh run dir: TensorBoard shows this run alone
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={out_dir / name}"]
     if max_time_s is not None:
         minutes, seconds = divmod(int(max_time_s), 60)

@@ -77,25 +77,31 @@ def run_length(cfg: DictConfig) -> tuple[dict, str]:
     return {"max_steps": trainer.max_steps or -1, "max_time": max_time}, clock
 
 
-# Where training runs in fp32 (no native bf16: ~4-10x fewer FLOP/s than bf16 CPUs), five minutes of `small` leave it
-# undertrained; 4 x 128 at twice the learning rate ends lower (README "The default run" has the runs).
-FP32_SIZE = ["model=mini"]
-FP32_LR = ["optimizer.lr=4e-3"]
+# Where training runs in fp32 (no native bf16: 4-10x fewer FLOP/s than bf16 CPUs), five minutes of `small` leave it
+# undertrained: this recipe ends lower there (README "The default run" has the runs that chose it).
+FP32_RECIPE = {
+    "model": "mini",
+    "optimizer.lr": "4e-3",
+    "data.batch_size": "8",
+    "lr_schedule.warmup_steps": "30",
+    "trainer.val_check_interval": "1000",  # ~3,000 short steps: validating every 250 would eat ~15% of the budget
+}
 
 
-def size_for_this_machine(argv: list[str]) -> list[str]:
-    """Adds `model=mini optimizer.lr=4e-3` to a command that picks no model size (no model=, experiment= or debug=)
-    when it will train in fp32, so the default run is sized for the machine. The override shows in the run's name
-    and its .hydra/overrides.yaml like one typed by hand; an explicit model= always wins."""
-    if any(a.lstrip("+~").startswith(("model=", "experiment=", "debug=")) for a in argv[1:]):
+def recipe_for_this_machine(argv: list[str]) -> list[str]:
+    """Adds FP32_RECIPE to a command that picks no model size (no model=, experiment= or debug=) and will train in
+    fp32, so the default run suits the machine. Each item shows in the run's name and .hydra/overrides.yaml like
+    one typed by hand; a value of your own for the same key wins (and optimizer= keeps that optimizer's lr)."""
+    keys = [a.lstrip("+~").split("=", 1)[0] for a in argv[1:] if "=" in a and not a.startswith("-")]
+    if any(key in ("model", "experiment", "debug") for key in keys):
         return argv
-    value = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv[1:] if "=" in a and not a.startswith("-")}
+    value = dict(a.split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
     device_type = training_device_type(value.get("trainer.accelerator", "auto"))
     precision, _ = resolve_precision(value.get("trainer.precision", "auto"), device_type)
     if "16" in precision:  # bf16 or fp16: the fast kind
         return argv
-    picks_optimizer = any(a.lstrip("+~").startswith("optimizer") for a in argv[1:])
-    return [*argv, *FP32_SIZE, *([] if picks_optimizer else FP32_LR)]
+    taken = set(keys) | ({"optimizer.lr"} if any(k.startswith("optimizer") for k in keys) else set())
+    return [*argv, *(f"{key}={v}" for key, v in FP32_RECIPE.items() if key not in taken)]
 
 
 @report_errors
@@ -164,5 +170,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = size_for_this_machine(log_into_resumed_run(sys.argv))
+    sys.argv = recipe_for_this_machine(log_into_resumed_run(sys.argv))
     main()

@@ -228,22 +228,25 @@ def test_the_default_run_is_sized_for_the_machine(monkeypatch, native_bf16):
 
     monkeypatch.setattr(train, "training_device_type", lambda accelerator: "cpu")
     monkeypatch.setattr("lm.hardware.cpu_supports_bf16", lambda: native_bf16)
-    added = [] if native_bf16 else ["model=mini", "optimizer.lr=4e-3"]
-    assert train.size_for_this_machine(["train.py"]) == ["train.py", *added]
-    assert train.size_for_this_machine(["train.py", "-m", "pos_encoding=learned,rope"])[3:] == added
+    recipe = [] if native_bf16 else [f"{k}={v}" for k, v in train.FP32_RECIPE.items()]
+    assert "model=mini" in recipe or native_bf16
+    assert train.recipe_for_this_machine(["train.py"]) == ["train.py", *recipe]
+    assert train.recipe_for_this_machine(["train.py", "-m", "pos_encoding=learned,rope"])[3:] == recipe
     # an explicit size, recipe or precision decides instead
     for argv in (
         ["train.py", "model=small"],
         ["train.py", "experiment=shakespeare_hour"],
         ["train.py", "debug=default"],
     ):
-        assert train.size_for_this_machine(argv) == argv
-    assert train.size_for_this_machine(["train.py", "trainer.precision=bf16-mixed"]) == [
-        "train.py",
-        "trainer.precision=bf16-mixed",
-    ]
-    fp32 = train.size_for_this_machine(["train.py", "trainer.precision=32-true", "optimizer=adafactor"])
-    assert fp32[-1] == "model=mini"  # an optimizer of your choosing keeps its own learning rate
+        assert train.recipe_for_this_machine(argv) == argv
+    bf16 = ["train.py", "trainer.precision=bf16-mixed"]
+    assert train.recipe_for_this_machine(bf16) == bf16
+    # your own value for a key wins; an optimizer of your choosing keeps its own learning rate
+    fp32 = train.recipe_for_this_machine(
+        ["train.py", "trainer.precision=32-true", "optimizer=adafactor", "data.batch_size=4"]
+    )
+    added = fp32[4:]
+    assert "model=mini" in added and not any(a.startswith(("optimizer", "data.batch_size")) for a in added)
 
 
 def test_bf16_on_a_cpu_that_only_emulates_it_gets_a_warning(monkeypatch):
