@@ -3,6 +3,7 @@
     python scripts/benchmark.py                                  # everything, about 10 minutes on 2 CPU cores
     python scripts/benchmark.py --presets tiny,small --steps 3 --skip corpus   # about a minute
     python scripts/benchmark.py --only generate --presets small,base
+    python scripts/benchmark.py --only quality                   # our default vs nanoGPT's CPU recipe, ~15 minutes
 
 Prints Markdown tables and writes them as JSON (--out). Numbers are comparable within one run on one machine only.
 """
