@@ -138,7 +138,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._rotations: torch.Tensor | None = None  # decoding_rotation's table, (L, 3, D, D)
+        self._rotations: torch.Tensor | None = None  # decoding_rotations' table, (L, 3, D, D)
         self._build(initial_length)
 
     @torch.inference_mode(False)  # a table grown while generating must stay usable for training

@@ -92,15 +92,14 @@ def recipe_for_this_machine(argv: list[str]) -> list[str]:
     """Adds FP32_RECIPE to a command that picks no model size (no model=, experiment= or debug=) and will train in
     fp32, so the default run suits the machine. Each item shows in the run's name and .hydra/overrides.yaml like
     one typed by hand; a value of your own for the same key wins (and optimizer= keeps that optimizer's lr)."""
-    keys = [a.lstrip("+~").split("=", 1)[0] for a in argv[1:] if "=" in a and not a.startswith("-")]
-    if any(key in ("model", "experiment", "debug") for key in keys):
+    given = dict(a.lstrip("+~").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
+    if given.keys() & {"model", "experiment", "debug"}:
         return argv
-    value = dict(a.split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
-    device_type = training_device_type(value.get("trainer.accelerator", "auto"))
-    precision, _ = resolve_precision(value.get("trainer.precision", "auto"), device_type)
+    device_type = training_device_type(given.get("trainer.accelerator", "auto"))
+    precision, _ = resolve_precision(given.get("trainer.precision", "auto"), device_type)
     if "16" in precision:  # bf16 or fp16: the fast kind
         return argv
-    taken = set(keys) | ({"optimizer.lr"} if any(k.startswith("optimizer") for k in keys) else set())
+    taken = set(given) | ({"optimizer.lr"} if any(k.startswith("optimizer") for k in given) else set())
     return [*argv, *(f"{key}={v}" for key, v in FP32_RECIPE.items() if key not in taken)]
 
 
