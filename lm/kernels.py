@@ -88,25 +88,30 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 class BlockCausalAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(D) + causal mask), dropout, times v; forward and backward written out for the CPU.
 
-    q, k, v: (N, T, D). Query rows go in blocks of `block`, and each block meets only the keys up to its last row,
-    so the masked-out upper triangle is mostly never computed: (1 + block / T) / 2 of the T x T scores are (5/8 at
-    T = 256). Everything runs in q's dtype, as fused kernels do: under autocast the softmax would otherwise run in
-    fp32, casting the largest tensors of the model to fp32 and back. Backward uses the flash-attention identity
-    rowsum(dP * P) = rowsum(dy * y), a sum over D instead of T. Saves the probabilities and the kept probabilities
-    of each block (no dropout: the probabilities once).
+    q, k, v: (N, T, D), N = batch x heads. `bias`: None (causal), or an additive mask (H, T, T) with -inf on future
+    keys, such as ALiBi's; it has no gradient. Query rows go in blocks of `block`, and each block meets only the
+    keys up to its last row, so the masked-out upper triangle is mostly never computed: (1 + block / T) / 2 of the T
+    x T scores are (5/8 at T = 256). Everything runs in q's dtype, as fused kernels do: under autocast the softmax
+    would otherwise run in fp32, casting the largest tensors of the model to fp32 and back. Backward uses the
+    flash-attention identity rowsum(dP * P) = rowsum(dy * y), a sum over D instead of T. Saves the probabilities and
+    the kept probabilities of each block (no dropout: the probabilities once).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, dropout_p: float, block: int):
-        T, D = q.shape[-2:]
+    def forward(ctx, q, k, v, dropout_p: float, block: int, bias: torch.Tensor | None = None):
+        N, T, D = q.shape
         scale = dropout_scale(dropout_p) if dropout_p > 0 else 1.0  # inverted dropout's 1 / (1 - p)
         outputs, saved = [], []
         with torch.autocast(q.device.type, enabled=False):
             for start in range(0, T, block):
                 end = min(start + block, T)
-                future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1)
-                bias = torch.zeros(end - start, end, dtype=q.dtype, device=q.device).masked_fill_(future, -math.inf)
-                probs = torch.baddbmm(bias, q[:, start:end], k[:, :end].transpose(1, 2), alpha=D**-0.5).softmax(-1)
+                if bias is None:
+                    future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1)
+                    mask = torch.zeros(end - start, end, dtype=q.dtype, device=q.device).masked_fill_(future, -math.inf)
+                else:  # per head, repeated over the batch: (N, rows, end)
+                    H = bias.shape[0]
+                    mask = bias[:, start:end, :end].to(q.dtype).expand(N // H, H, end - start, end).reshape(N, -1, end)
+                probs = torch.baddbmm(mask, q[:, start:end], k[:, :end].transpose(1, 2), alpha=D**-0.5).softmax(-1)
                 kept = probs
                 if dropout_p > 0:
                     kept = probs * dropout_keep_mask(probs.shape, dropout_p, probs.dtype, probs.device)
@@ -140,4 +145,4 @@ class BlockCausalAttention(torch.autograd.Function):
                 dq.append(torch.baddbmm(d_scores.new_empty(()), d_scores, k[:, :end], beta=0, alpha=scale * D**-0.5))
                 dk[:, :end].baddbmm_(d_scores.transpose(1, 2), q[:, start:end], alpha=scale * D**-0.5)
             dq = torch.cat(dq, dim=1)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None

@@ -2,8 +2,9 @@
 
 token embedding (+ absolute positions) -> n_layer x [x + attn(ln(x)); x + mlp(ln(x))] -> ln -> tied head
 
-Positional encodings: `learned` and `sinusoidal` add a vector to each token embedding; `rope` rotates the
-queries and keys inside every attention layer instead. A `KVCache` makes generation incremental.
+Positional encodings (lm/positional.py): `learned` and `sinusoidal` add a vector to each token embedding; `rope`
+rotates the queries and keys inside every attention layer, `alibi` biases the attention scores by distance, and
+`none` leaves order to the causal mask. A `KVCache` makes generation incremental.
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ from torch import nn
 
 from lm.errors import ConfigError
 from lm.kernels import ATTENTION_BLOCK, BlockCausalAttention, RotaryHeads, byte_dropout
+from lm.positional import (
+    POSITIONAL_ENCODINGS,
+    ALiBi,
+    ContextTooLongError,
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+)
 
-POSITIONAL_ENCODINGS = ("learned", "sinusoidal", "rope")
-INITS = ("gpt2", "pytorch")
+__all__ = ["POSITIONAL_ENCODINGS", "ContextTooLongError", "KVCache", "Transformer", "TransformerConfig"]
+
+INITS = ("gpt2", "pytorch", "xavier")
 
 
 @dataclass
@@ -78,112 +88,6 @@ class TransformerConfig:
         return asdict(self)
 
 
-class ContextTooLongError(ValueError):
-    """A sequence is longer than the positional encoding can index (learned absolute positions)."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Positional encodings
-
-
-def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
-    """PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(pos / 10000^(2i/dim)) (Vaswani et al.)."""
-    position = torch.arange(length, dtype=torch.float64)[:, None]
-    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    table = torch.zeros(length, dim, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq)[:, : dim // 2]
-    return table.float()
-
-
-class LearnedPositionalEmbedding(nn.Module):
-    """One trained vector per absolute position; cannot go past `max_length`."""
-
-    def __init__(self, max_length: int, dim: int):
-        super().__init__()
-        self.max_length = max_length
-        self.weight = nn.Parameter(torch.zeros(max_length, dim))
-
-    def forward(self, start: int, length: int) -> torch.Tensor:
-        if start + length > self.max_length:
-            raise ContextTooLongError(
-                f"learned positions only go up to {self.max_length}; position {start + length - 1} was asked for"
-            )
-        return self.weight[start : start + length]
-
-
-class SinusoidalPositionalEncoding(nn.Module):
-    """The fixed sin/cos encoding; the table grows on demand, so any length works."""
-
-    def __init__(self, dim: int, initial_length: int):
-        super().__init__()
-        self.dim = dim
-        self.register_buffer("table", sinusoidal_table(initial_length, dim), persistent=False)
-
-    def forward(self, start: int, length: int) -> torch.Tensor:
-        if start + length > self.table.shape[0]:
-            with torch.inference_mode(False):  # a table grown while generating must stay usable for training
-                self.table = sinusoidal_table(2 * (start + length), self.dim).to(self.table.device)
-        return self.table[start : start + length]
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (Su et al., RoFormer) in the rotate-half layout.
-
-    Channel pairs (i, i + d/2) of each query and key are rotated by the angle pos * base^(-2i/d), so the dot
-    product of a rotated query and key depends only on their offset. cos/sin are cached and grow on demand.
-    """
-
-    def __init__(self, head_dim: int, base: float = 10000.0, initial_length: int = 256):
-        super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._rotations: torch.Tensor | None = None  # decoding_rotations' table, (L, 3, D, D)
-        self._build(initial_length)
-
-    @torch.inference_mode(False)  # a table grown while generating must stay usable for training
-    def _build(self, length: int) -> None:
-        angles = torch.arange(length, dtype=torch.float64, device=self.inv_freq.device)[:, None] * self.inv_freq
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
-        self._rotations = None
-
-    def tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of the angles for positions start .. start + length - 1, each (length, head_dim)."""
-        if start + length > self.cos.shape[0]:
-            self._build(2 * (start + length))
-        return self.cos[start : start + length], self.sin[start : start + length]
-
-    def decoding_rotations(self, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """(length, 3, D, D): for each position, matrices that rotate the query and key and keep the value, so that
-        `qkv @ R[position]` (qkv: (B, 3, H, D)) is RoPE for one decoding step in one operation. Built on first use."""
-        table = self._rotations
-        if table is None or length > table.shape[0] or table.dtype != dtype or table.device != self.cos.device:
-            cos, sin = (t[:, : t.shape[1] // 2].to(dtype) for t in self.tables(0, length))
-            d, half = 2 * cos.shape[1], torch.arange(cos.shape[1], device=cos.device)
-            rotation = torch.zeros(length, d, d, dtype=dtype, device=cos.device)
-            # y = x @ R: y_i = x_i cos - x_(i+d/2) sin, y_(i+d/2) = x_(i+d/2) cos + x_i sin (the rotate-half layout)
-            rotation[:, half, half] = rotation[:, half + d // 2, half + d // 2] = cos
-            rotation[:, half + d // 2, half] = -sin
-            rotation[:, half, half + d // 2] = sin
-            identity = torch.eye(d, dtype=dtype, device=cos.device).expand(length, d, d)
-            table = self._rotations = torch.stack([rotation, rotation, identity], dim=1)
-        return table
-
-    def forward(self, x: torch.Tensor, start: int = 0, seq_dim: int = -2) -> torch.Tensor:
-        """Rotates `x` of shape (..., T, ..., D), positions along `seq_dim`, whose first position is `start`."""
-        seq_dim = seq_dim % x.dim()
-        length = x.shape[seq_dim]
-        cos, sin = self.tables(start, length)
-        if cos.dtype != x.dtype:
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        broadcast = (length,) + (1,) * (x.dim() - seq_dim - 2) + (x.shape[-1],)
-        cos, sin = cos.view(broadcast), sin.view(broadcast)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Transformer
 
@@ -237,7 +141,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding | None, bias: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        """`bias`: ALiBi's additive mask (H, T, cache length + T) with -inf on future keys, or None (causal)."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         dropout_p = self.dropout if self.training else 0.0
@@ -245,7 +152,7 @@ class CausalSelfAttention(nn.Module):
             # the same computation as below, in hand-written forward and backward passes (lm/kernels.py)
             cos, sin = rope.tables(0, T) if rope is not None else (None, None)
             q, k, v = RotaryHeads.apply(qkv, cos, sin)
-            y = BlockCausalAttention.apply(q, k, v, dropout_p, ATTENTION_BLOCK)
+            y = BlockCausalAttention.apply(q, k, v, dropout_p, ATTENTION_BLOCK, bias)
             y = y.view(B, self.n_head, T, self.head_dim)
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         start = cache.length if cache is not None else 0
@@ -254,15 +161,21 @@ class CausalSelfAttention(nn.Module):
             qk = rope(qk, start, seq_dim=1)  # queries and keys rotated in one go
         q, k = qk.unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)  # (B, H, T, D) views
-        if cache is None:
+        if cache is None and bias is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        elif cache is None:  # the bias carries the causal mask: attn_mask and is_causal do not go together
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
         else:
             keys, values = cache.kv[self.layer]
             keys[:, :, start : start + T] = k
             values[:, :, start : start + T] = v
             k, v = keys[:, :, : start + T], values[:, :, : start + T]
-            # query i sits at absolute position start + i and may see keys 0 .. start + i
-            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            # query i sits at absolute position start + i and may see keys 0 .. start + i (is_causal would align
+            # the mask top-left, which is wrong once the cache holds earlier positions)
+            if bias is not None:
+                mask = bias.to(q.dtype)
+            else:
+                mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -276,7 +189,8 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache,
     ) -> torch.Tensor:
         """`residual + self(h)` for one new position per row (h, residual: (B, C)) at `position` (a 0-d tensor),
-        attending to the cache's keys with the additive mask `visible` (1, L): 0 or -inf; `rotation` is RoPE's
+        attending to the cache's keys with the additive mask `visible`, (1, 1, L) or per head (B * H, 1, L) with
+        ALiBi's bias: 0 (or the bias) or -inf; `rotation` is RoPE's
         (3, D, D) for this position. Every shape is fixed whatever the position, so the step compiles once
         (`generate(compile=True)`)."""
         B, C = h.shape
@@ -339,8 +253,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding | None, bias: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, bias, cache)
         return x + self.mlp(self.ln_2(x))
 
     def decode_step(self, x: torch.Tensor, position, visible, rotation, cache: KVCache) -> torch.Tensor:
@@ -357,14 +273,15 @@ class Transformer(nn.Module):
         self.config = config
         pe = config.pos_encoding
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position = None
-        self.rope = None
+        self.position = self.rope = self.alibi = None  # at most one of them; none of them for NoPE
         if pe.name == "learned":
             self.position = LearnedPositionalEmbedding(config.seq_length, config.n_embd)
         elif pe.name == "sinusoidal":
             self.position = SinusoidalPositionalEncoding(config.n_embd, config.seq_length)
-        else:
+        elif pe.name == "rope":
             self.rope = RotaryEmbedding(config.head_dim, pe.base, config.seq_length)
+        elif pe.name == "alibi":
+            self.alibi = ALiBi(config.n_head)
         self.embedding_scale = math.sqrt(config.n_embd)
         self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -374,9 +291,13 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialises weights per `config.init`: 'gpt2' (N(0, 0.02), residual projections scaled down by
-        1/sqrt(2 n_layer) so the residual stream's variance does not grow with depth) or 'pytorch' (each
-        module's own default)."""
+        """Initialises weights per `config.init`. Biases start at 0 and norm gains at 1 in all three.
+
+        - gpt2: every weight matrix N(0, 0.02); the residual projections N(0, 0.02 / sqrt(2 n_layer)), so the
+          residual stream's variance does not grow with depth (GPT-2, nanoGPT).
+        - pytorch: each module's own default: linear layers U(+-1/sqrt(fan_in)), embeddings N(0, 1).
+        - xavier: every weight matrix U(+-sqrt(6 / (fan_in + fan_out))) (Glorot and Bengio), depth-independent.
+        """
         if self.config.init == "pytorch":
             for module in self.modules():
                 if module is not self and hasattr(module, "reset_parameters"):
@@ -389,6 +310,8 @@ class Transformer(nn.Module):
                 nn.init.zeros_(param)
             elif "ln" in name:
                 nn.init.ones_(param)
+            elif self.config.init == "xavier":
+                nn.init.xavier_uniform_(param)
             elif name.endswith("proj.weight"):
                 nn.init.normal_(param, std=0.02 / math.sqrt(2 * self.config.n_layer))
             else:
@@ -414,8 +337,12 @@ class Transformer(nn.Module):
         elif self.position is not None:
             x = x + self.position(start, T)
         x = self.dropout(x)
+        bias = None
+        if self.alibi is not None:  # built once, shared by every layer
+            positions = torch.arange(start + T, device=idx.device)
+            bias = self.alibi.bias(positions[start:], positions, torch.float32)
         for block in self.blocks:
-            x = block(x, self.rope, cache)
+            x = block(x, self.rope, bias, cache)
         if cache is not None:
             cache.length += T
         return self.head(self.ln_f(x))
@@ -434,8 +361,14 @@ class Transformer(nn.Module):
         if self.rope is not None:
             rotation = self.rope.decoding_rotations(cache.max_length, x.dtype).index_select(0, at).squeeze(0)
         # 0 where a key is visible, -inf past the position: built once per step, added to every layer's scores
-        visible = torch.zeros_like(cache.positions, dtype=x.dtype).masked_fill_(cache.positions > position, -math.inf)
-        visible = visible.view(1, -1)
+        if self.alibi is not None:  # with ALiBi's bias, per head: (B * H, 1, L), the attention products' layout
+            bias = self.alibi.bias(position.view(1), cache.positions, x.dtype)  # (H, 1, L)
+            visible = bias.expand(x.shape[0], *bias.shape).reshape(-1, 1, bias.shape[-1])
+        else:
+            visible = torch.zeros_like(cache.positions, dtype=x.dtype).masked_fill_(
+                cache.positions > position, -math.inf
+            )
+            visible = visible.view(1, 1, -1)
         for block in self.blocks:
             x = block.decode_step(x, position, visible, rotation, cache)
         return decode_linear(self.ln_f(x), self.head)

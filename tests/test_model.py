@@ -13,6 +13,7 @@ from lm.model import (
     Transformer,
     TransformerConfig,
 )
+from lm.positional import ALiBi, alibi_slopes
 
 
 def tiny_config(pe: str = "rope", **kw) -> TransformerConfig:
@@ -183,8 +184,8 @@ def test_gpt2_init_scales_residual_projections():
         ({"n_layer": 0}, "n_layer"),
         ({"n_head": -1}, "n_head"),
         ({"seq_length": 0}, "seq_length"),
-        ({"init": "xavier"}, "init"),
-        ({"pos_encoding": {"name": "alibi"}}, "pos_encoding"),
+        ({"init": "kaiming"}, "init"),
+        ({"pos_encoding": {"name": "t5"}}, "pos_encoding"),
     ],
 )
 def test_bad_model_configs_are_rejected(kw, match):
@@ -216,3 +217,68 @@ def test_byte_dropout_drops_at_rate_p_and_keeps_the_expectation(dtype):
     a = byte_dropout(x, 0.2)
     torch.manual_seed(1)
     assert torch.equal(a, byte_dropout(x, 0.2))  # follows the global seed, so resumed runs repeat it
+
+
+def test_alibi_slopes_follow_the_paper_for_any_head_count():
+    assert alibi_slopes(8) == pytest.approx([2.0**-i for i in range(1, 9)])
+    assert alibi_slopes(4) == pytest.approx([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8])
+    # not a power of two: the 4-head slopes, then every other slope of the 8-head set (1/2, 1/8)
+    assert alibi_slopes(6) == pytest.approx([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3])
+    assert alibi_slopes(12) == pytest.approx(
+        [2.0 ** -(8 * i / 8) for i in range(1, 9)] + [2.0 ** -(8 * i / 16) for i in (1, 3, 5, 7)]
+    )
+
+
+def test_alibi_bias_is_minus_slope_times_distance_from_absolute_positions():
+    alibi = ALiBi(n_head=2)  # slopes 1/16, 1/256
+    queries, keys = torch.arange(5, 8), torch.arange(8)  # three queries continuing a cache of five positions
+    bias = alibi.bias(queries, keys, torch.float32)
+    assert bias.shape == (2, 3, 8)
+    for h, slope in enumerate((2.0**-4, 2.0**-8)):
+        for a, i in enumerate(range(5, 8)):
+            for j in range(8):
+                expected = -slope * (i - j) if j <= i else -math.inf
+                assert bias[h, a, j].item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("pe", ["alibi", "none"])
+def test_alibi_and_nope_embed_no_positions_and_read_past_the_training_length(pe):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(pe, n_head=4)).eval()
+    assert model.position is None and model.rope is None
+    assert (model.alibi is not None) == (pe == "alibi")
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in Transformer(tiny_config("rope", n_head=4)).parameters()
+    )
+    logits = model(torch.randint(0, 11, (2, 64)))  # 4x the training length
+    assert torch.isfinite(logits).all()
+
+
+def test_alibi_on_the_cpu_kernels_matches_sdpa_with_six_heads(monkeypatch):
+    import lm.model
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("alibi", n_head=6, n_embd=24)).double()
+    idx = torch.randint(0, 11, (3, 16))
+    fast = model(idx)
+    (fast_grad,) = torch.autograd.grad(fast.square().sum(), model.blocks[0].attn.qkv.weight)
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)
+    plain = model(idx)
+    (plain_grad,) = torch.autograd.grad(plain.square().sum(), model.blocks[0].attn.qkv.weight)
+    assert torch.allclose(fast, plain, atol=1e-10) and torch.allclose(fast_grad, plain_grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("init", ["gpt2", "pytorch", "xavier"])
+def test_each_init_gives_its_documented_weight_scale(init):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(init=init, n_embd=64, n_head=4, n_layer=4, vocab_size=50))
+    fc = model.blocks[0].mlp.fc.weight  # (256, 64)
+    expected_std = {
+        "gpt2": 0.02,
+        "pytorch": 1 / math.sqrt(64) / math.sqrt(3),  # U(+-1/sqrt(fan_in))
+        "xavier": math.sqrt(6 / (64 + 256)) / math.sqrt(3),  # U(+-sqrt(6 / (fan_in + fan_out)))
+    }[init]
+    assert fc.std().item() == pytest.approx(expected_std, rel=0.05)
+    assert all(
+        torch.equal(b.weight, torch.ones_like(b.weight)) for b in model.modules() if isinstance(b, torch.nn.LayerNorm)
+    )
