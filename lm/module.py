@@ -17,6 +17,7 @@ from lm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from lm.data import IGNORE_INDEX
 from lm.errors import ConfigError, TrainingDivergedError
 from lm.model import Transformer, TransformerConfig
+from lm.optim import parameter_groups
 from lm.tokenizer import CharTokenizer
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -38,13 +39,6 @@ def cosine_schedule(step: int, warmup_steps: int, total_steps: int, min_lr_ratio
     """`warmup_cosine` on the step clock: the decay ends at `total_steps`."""
     progress = (step - warmup_steps) / (total_steps - warmup_steps) if total_steps > warmup_steps else 0.0
     return warmup_cosine(step, warmup_steps, progress, min_lr_ratio)
-
-
-def parameter_groups(model: torch.nn.Module) -> list[dict]:
-    """Matrices (linear and embedding weights) get the optimizer's weight decay; biases and norms get none."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class LanguageModel(L.LightningModule):

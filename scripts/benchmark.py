@@ -37,7 +37,8 @@ from lm.data import CharDataModule, encode_corpus
 from lm.generate import generate
 from lm.hardware import bf16_supported, measure_matmul_peak, retain_freed_memory
 from lm.model import Transformer, TransformerConfig, decode_linear
-from lm.module import LanguageModel, cosine_schedule, parameter_groups
+from lm.module import LanguageModel, cosine_schedule
+from lm.optim import parameter_groups
 from lm.tokenizer import CharTokenizer
 
 # Sizes and batch shapes as the presets in conf/ use them (base: nanoGPT's Shakespeare-char run).

@@ -32,10 +32,12 @@ def only_run(outputs: Path) -> Path:
     return runs[0]
 
 
-def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon + AdamW is one optimizer: steps count once
+def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus, optimizer):
     common = [
         f"data.path={corpus}",
         *FAST,
+        f"optimizer={optimizer}",
         "model.dropout=0.1",
         "trainer.log_every_n_steps=1",
         "lr_schedule.warmup_steps=5",
@@ -43,14 +45,16 @@ def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus):
     ]
     straight, again, split = tmp_path / "straight", tmp_path / "again", tmp_path / "split"
     run_train([*common, "trainer.max_steps=20"], straight)
-    run_train([*common, "trainer.max_steps=20"], again)
+    if optimizer == "adamw":  # seed repeatability does not depend on the optimizer: checked once
+        run_train([*common, "trainer.max_steps=20"], again)
     run_train([*common, "trainer.max_steps=10"], split)
     first_half = only_run(split / "outputs")
     run_train([*common, "trainer.max_steps=20", f"resume={first_half}"], split)
 
-    a, b, c = (only_run(d / "outputs") for d in (straight, again, split))
+    a, c = only_run(straight / "outputs"), only_run(split / "outputs")
     assert c == first_half, "resume= continues in the same run directory"
-    assert csv_column(a, "train/loss") == csv_column(b, "train/loss"), "same seed, same losses"
+    if optimizer == "adamw":
+        assert csv_column(a, "train/loss") == csv_column(only_run(again / "outputs"), "train/loss"), "same seed"
     ckpt_a, ckpt_c = last_checkpoint(a), last_checkpoint(c)
     assert ckpt_a["global_step"] == ckpt_c["global_step"] == 20
     for key, value in ckpt_a["state_dict"].items():

@@ -1,0 +1,75 @@
+"""Parameter routing and Muon + AdamW as one optimizer."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm.errors import ConfigError
+from lm.model import Transformer, TransformerConfig
+from lm.optim import HIDDEN_MATRICES, MuonWithAdamW, parameter_groups
+
+
+def tiny_model(pe: str = "learned") -> Transformer:
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=13, seq_length=16, n_layer=2, n_head=2, n_embd=16, bias=True)
+    config.pos_encoding.name = pe
+    return Transformer(config)
+
+
+def test_parameters_are_routed_by_module_not_shape():
+    model = tiny_model()
+    groups = {g["name"]: g["params"] for g in parameter_groups(model)}
+    ids = {name: {id(p) for p in params} for name, params in groups.items()}
+    hidden = {id(m.weight) for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)}
+    assert ids[HIDDEN_MATRICES] == hidden
+    # the tied embedding / output head is 2-D but is not a hidden matrix
+    assert id(model.token_embedding.weight) in ids["embeddings"] and id(model.position.weight) in ids["embeddings"]
+    assert all(p.dim() == 1 for p in groups["vectors"])
+    assert sum(len(v) for v in ids.values()) == len(list(model.parameters()))
+
+
+def loss_of(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+
+
+def test_muon_with_adamw_is_one_optimizer_that_trains_and_resumes_exactly():
+    model = tiny_model()
+    optimizer = MuonWithAdamW(parameter_groups(model), lr=1e-2)
+    assert isinstance(optimizer.muon, torch.optim.Muon) and isinstance(optimizer.adamw, torch.optim.AdamW)
+    assert [g["name"] for g in optimizer.muon.param_groups] == [HIDDEN_MATRICES]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)  # one scheduler drives both halves
+    assert optimizer.muon.param_groups[0]["lr"] == optimizer.adamw.param_groups[0]["lr"] == 5e-3
+    batch = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(0))
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        loss = loss_of(model, batch)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    losses = [step(model, optimizer) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert "momentum_buffer" in optimizer.state[model.blocks[0].mlp.fc.weight]  # Muon's state
+    assert "exp_avg" in optimizer.state[model.token_embedding.weight]  # AdamW's state
+
+    # resume: a copy restored from the state dicts takes the very same next steps
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    expected = [step(model, optimizer) for _ in range(3)]
+    restored = tiny_model()
+    restored.load_state_dict(saved_model)
+    restored_opt = MuonWithAdamW(parameter_groups(restored), lr=1e-2)
+    restored_opt.load_state_dict(saved_opt)
+    assert (
+        restored_opt.muon.state is restored_opt.state
+        and restored_opt.adamw.param_groups[0] in restored_opt.param_groups
+    )
+    assert [step(restored, restored_opt) for _ in range(3)] == pytest.approx(expected, abs=1e-6)
+    del schedule
+
+
+def test_muon_refuses_parameters_without_roles():
+    with pytest.raises(ConfigError, match="hidden_matrices"):
+        MuonWithAdamW(tiny_model().parameters())
