@@ -83,6 +83,20 @@ class LMThroughputMonitor(ThroughputMonitor):
                     available_flops=self.available_flops, world_size=trainer.world_size, **self.kwargs
                 )
 
+    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
+        # Lightning logs eleven series here (time, batches, samples, lengths, per-second rates...); two say
+        # something a reader plots: tokens/s (all processes together) and MFU
+        if not trainer._logger_connector.should_update_logs:
+            return
+        computed = self._throughputs[trainer.state.stage].compute()
+        metrics = {}
+        if (tokens := computed.get("items_per_sec", computed.get("device/items_per_sec"))) is not None:
+            metrics["speed/tokens_per_sec"] = tokens
+        if (mfu := computed.get("device/mfu")) is not None:
+            metrics["speed/mfu"] = mfu
+        if metrics:
+            trainer._logger_connector.log_metrics(metrics, step=iter_num)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.is_global_zero:
@@ -100,7 +114,9 @@ class LMThroughputMonitor(ThroughputMonitor):
 
 
 class TextSample(L.Callback):
-    """Prints a short sample at the end of training and logs it (TensorBoard text, or the logger's own way).
+    """Logs a short text sample after every validation (TensorBoard's Text tab, or the logger's own way), and
+    prints the last one at the end of training (also written to `sample.txt`). Sampling uses its own seeded random
+    stream, so it never changes the training run.
 
     With no `prompt`, the sample starts from the first character of the validation split, which is in the
     vocabulary of any corpus. Training is over by then: a failure while sampling (a prompt character the corpus
@@ -124,6 +140,7 @@ class TextSample(L.Callback):
             seed,
         )
         self.output_dir = output_dir
+        self.last: tuple[int | None, str | None] = (None, None)  # (step, text) of the latest sample
 
     def start_text(self, trainer: L.Trainer, pl_module) -> str:
         if self.prompt:
@@ -133,14 +150,12 @@ class TextSample(L.Callback):
             return pl_module.tokenizer.decode(datamodule.split("val")[:1])
         return pl_module.tokenizer.vocab[0]
 
-    @rank_zero_only
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        if self.max_new_tokens <= 0:
-            return
+    def sample(self, trainer: L.Trainer, pl_module) -> str | None:
+        """A sample from the model as it is now, or None (with a warning) if sampling fails."""
         try:
             # a compiled model (model.compile=true) would recompile for every generation length: run it eagerly
             with torch.compiler.set_stance("force_eager"):
-                text = generate(
+                return generate(
                     pl_module.model,
                     pl_module.tokenizer,
                     self.start_text(trainer, pl_module),
@@ -149,19 +164,42 @@ class TextSample(L.Callback):
                     top_k=self.top_k,
                     seed=self.seed,
                 )[0]
-        except Exception as error:  # the run has finished and its checkpoints are written: warn, do not fail
+        except Exception as error:  # a sample is a courtesy: warn, never fail the run
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"warning: no end-of-run sample ({message}); training itself finished.", file=sys.stderr)
-            return
-        print(f"\n----- sample after {trainer.global_step} steps -----\n{text}\n" + "-" * 40, file=sys.stderr)
-        if self.output_dir:
-            (Path(self.output_dir) / "sample.txt").write_text(text)
+            print(f"warning: no text sample ({message}); training goes on.", file=sys.stderr)
+            return None
+
+    def log_sample(self, trainer: L.Trainer, text: str) -> None:
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("sample", "```\n" + text + "\n```", trainer.global_step)
             elif hasattr(logger, "log_text"):
                 logger.log_text("sample", columns=["text"], data=[[text]], step=trainer.global_step)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.max_new_tokens <= 0 or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        text = self.sample(trainer, pl_module)
+        if text is not None:
+            self.log_sample(trainer, text)
+        self.last = (trainer.global_step, text)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.max_new_tokens <= 0:
+            return
+        step, text = self.last
+        if step != trainer.global_step:  # the run ends with a validation, so this is rare (e.g. no validation)
+            text = self.sample(trainer, pl_module)
+            if text is not None:
+                self.log_sample(trainer, text)
+        if text is None:
+            return
+        print(f"\n----- sample after {trainer.global_step} steps -----\n{text}\n" + "-" * 40, file=sys.stderr)
+        if self.output_dir:
+            (Path(self.output_dir) / "sample.txt").write_text(text)
 
 
 class InterruptedTraining(LMError):

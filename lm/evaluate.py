@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +44,14 @@ class EvalResult:
         }
 
 
+def summed_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation loss of one batch: the sum of the cross-entropies (nats) of its targets, and their count
+    (targets equal to IGNORE_INDEX count for nothing). Validation during training and `evaluate` both use it."""
+    logits = model(x)
+    total = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (y != IGNORE_INDEX).sum()
+
+
 @torch.no_grad()
 def evaluate(
     model: Transformer,
@@ -67,11 +77,9 @@ def evaluate(
         for x, y in ValidationWindows(ids, batch_size, context_length):
             x, y = x.to(device), y.to(device)
             with autocast:
-                logits = model(x)
-            total += float(
-                F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            )
-            count += int((y != IGNORE_INDEX).sum())
+                batch_total, batch_count = summed_loss(model, x, y)
+            total += float(batch_total)
+            count += int(batch_count)
     except ContextTooLongError:
         return EvalResult(context_length, 0, None, f"n/a: learned positions stop at {model.config.seq_length}")
     return EvalResult(context_length, count, total / count)
@@ -93,3 +101,11 @@ def results_table(results: list[EvalResult], trained_length: int) -> str:
         else:
             lines.append(f"| {r.context_length} | {r.tokens} | {r.loss:.4f} | {r.ppl:.3f} | {r.bpc:.4f} | {note} |")
     return "\n".join(lines)
+
+
+def write_report(stem: Path | str, report: dict, table: str, title: str) -> None:
+    """Writes `<stem>.eval.md` (the title and the table) and `<stem>.eval.json` (the report)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.eval.md").write_text(f"{title}\n\n{table}\n")
+    Path(f"{stem}.eval.json").write_text(json.dumps(report, indent=2))

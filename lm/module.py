@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from lm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from lm.data import IGNORE_INDEX
 from lm.errors import ConfigError, TrainingDivergedError
+from lm.evaluate import summed_loss
 from lm.model import Transformer, TransformerConfig
 from lm.optim import parameter_groups
 from lm.tokenizer import CharTokenizer
@@ -44,8 +45,9 @@ def cosine_schedule(step: int, warmup_steps: int, total_steps: int, min_lr_ratio
 class LanguageModel(L.LightningModule):
     """Trains a `Transformer` on next-character prediction.
 
-    Logs `train/loss`, and over the whole validation split `val/loss` (token-weighted mean cross-entropy,
-    in nats), `val/ppl` (its exponential) and `val/bpc` (bits per character, loss / ln 2).
+    Logs `train/loss`, `train/lr` and `train/grad_norm`, and over the whole validation split `val/loss`
+    (token-weighted mean cross-entropy, in nats), `val/ppl` (its exponential), `val/bpc` (bits per character,
+    loss / ln 2) and `val/best_loss` (the lowest `val/loss` so far).
 
     Args:
         config: the model's shape.
@@ -80,6 +82,7 @@ class LanguageModel(L.LightningModule):
         self.clock = clock
         self.warmup_end_s: float | None = None  # time-clock runs: the training time at which warmup ended
         self.val_loss = MeanMetric()
+        self.best_val_loss = math.inf
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -113,6 +116,7 @@ class LanguageModel(L.LightningModule):
         if self.trainer._logger_connector.should_update_logs:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+            self.log("train/lr", optimizer.param_groups[0]["lr"])  # every group follows the same schedule
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning refuses to clip for fused optimizers under mixed precision, because of fp16's gradient
@@ -126,9 +130,8 @@ class LanguageModel(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        n_targets = (y != IGNORE_INDEX).sum()
-        self.val_loss.update(self.loss(x, y), weight=n_targets)
+        total, count = summed_loss(self.model, *batch)
+        self.val_loss.update(total / count, weight=count)
 
     def on_validation_epoch_end(self):
         loss = self.val_loss.compute()  # synchronised across processes
@@ -142,6 +145,9 @@ class LanguageModel(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss))
         self.log("val/bpc", loss / math.log(2))
+        if not self.trainer.sanity_checking:
+            self.best_val_loss = min(self.best_val_loss, float(loss))
+            self.log("val/best_loss", self.best_val_loss)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
@@ -192,11 +198,13 @@ class LanguageModel(L.LightningModule):
         # dropout's random stream, so a resumed run draws the same masks as an uninterrupted one
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         checkpoint["lr_schedule"] = {"warmup_end_s": self.warmup_end_s}
+        checkpoint["best_val_loss"] = self.best_val_loss
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.warmup_end_s = checkpoint.get("lr_schedule", {}).get("warmup_end_s")
+        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
         states = checkpoint.get("rng_states", {})
         if "torch" in states:
             torch.set_rng_state(states["torch"].cpu())

@@ -9,7 +9,6 @@ Prints a Markdown table and writes it, with a JSON copy, next to the checkpoint.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from omegaconf import DictConfig
 from lm.checkpoint import CHECKPOINT_KEY, load_model, read_checkpoint
 from lm.data import encode_corpus
 from lm.errors import ConfigError, DataError
-from lm.evaluate import evaluate, results_table
+from lm.evaluate import evaluate, results_table, write_report
 from lm.hardware import bf16_supported
 
 
@@ -78,9 +77,7 @@ def run(cfg: DictConfig) -> list[dict]:
         "model": model.config.to_dict(),
         "results": [r.to_dict() for r in results],
     }
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.eval.md").write_text(f"Evaluation of `{ckpt_path}` on the {split}\n\n{table}\n")
-    Path(f"{stem}.eval.json").write_text(json.dumps(report, indent=2))
+    write_report(stem, report, table, f"Evaluation of `{ckpt_path}` on the {split}")
     print(f"[evaluate] wrote {stem}.eval.md and {stem}.eval.json", file=sys.stderr)
     return report["results"]
 

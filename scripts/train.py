@@ -8,16 +8,22 @@ python scripts/train.py -m pos_encoding=learned,sinusoidal,rope
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
+import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from _common import CONFIG_DIR, report_errors
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lm.data import write_atomically
 from lm.errors import ConfigError
+from lm.evaluate import evaluate, results_table, write_report
 from lm.hardware import emulated_bf16_warning, resolve_precision, retain_freed_memory, training_device_type
 from lm.model import TransformerConfig
 from lm.module import LanguageModel
@@ -145,13 +151,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             file=sys.stderr,
             flush=True,
         )
-    hparams = OmegaConf.to_container(cfg, resolve=True)
-    hparams["trainer"].update(precision=precision, **limits)
-    hparams["lr_schedule"]["clock"] = clock
+    hparams = run_hparams(cfg, precision=precision, clock=clock, **limits)
+    hparams["parameters"] = module.model.num_parameters()
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - started
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero and metrics:
         print(
@@ -159,7 +166,65 @@ def train(cfg: DictConfig) -> dict[str, float]:
             file=sys.stderr,
             flush=True,
         )
+    if trainer.is_global_zero and not trainer.interrupted:
+        evaluations = evaluate_final_model(cfg, module, datamodule, precision)
+        summary = {
+            "status": "finished",
+            "metrics": metrics,
+            "global_step": trainer.global_step,
+            "fit_seconds": fit_seconds,
+            "tokens_per_step": datamodule.batch_size * datamodule.seq_length * trainer.world_size,
+            "parameters": module.model.num_parameters(),
+            "seq_length": config.seq_length,
+            "hparams": hparams,
+            "evaluations": [r.to_dict() for r in evaluations],
+        }
+        write_atomically(
+            Path(cfg.paths.run_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))
+        )
     return metrics
+
+
+def run_hparams(cfg: DictConfig, **resolved) -> dict:
+    """The settings that tell runs apart, for TensorBoard's HParams tab and hparams.yaml: the config groups chosen,
+    then model, optimizer, data, schedule and run-length values (no paths, loggers or callbacks)."""
+    hparams: dict = {}
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        hparams.update({g: choices.get(g) for g in ("model", "optimizer", "experiment") if g in choices})
+    container = OmegaConf.to_container(cfg, resolve=True)
+    hparams["model"] = {**{"size": hparams.pop("model", None)}, **container["model"]}
+    hparams["optimizer"] = {
+        "name": hparams.pop("optimizer", None) or container["optimizer"]["_target_"].rsplit(".", 1)[-1],
+        **{k: v for k, v in container["optimizer"].items() if not k.startswith("_")},
+    }
+    hparams["data"] = {k: container["data"][k] for k in ("path", "seq_length", "batch_size", "val_fraction")}
+    hparams["lr_schedule"] = {**container["lr_schedule"], "clock": resolved.pop("clock")}
+    hparams["trainer"] = {
+        **{k: container["trainer"][k] for k in ("gradient_clip_val", "accumulate_grad_batches", "devices")},
+        **resolved,
+    }
+    hparams["seed"] = cfg.seed
+    return hparams
+
+
+def evaluate_final_model(cfg: DictConfig, module: LanguageModel, datamodule, precision: str) -> list:
+    """With `final_eval.context_multiples` (e.g. [1, 2, 4]), the final model's loss on the validation split at
+    those multiples of the training context, written to <run dir>/final.eval.md and .json like evaluate.py's."""
+    multiples = list(cfg.final_eval.context_multiples or [])
+    if not multiples:
+        return []
+    if any(not isinstance(m, int) or m <= 0 for m in multiples):
+        raise ConfigError(f"final_eval.context_multiples={multiples} must be positive integers, e.g. [1,2,4].")
+    seq_length = module.config.seq_length
+    dtype = torch.bfloat16 if "bf16" in precision else None
+    ids = datamodule.split("val")
+    results = [evaluate(module.model, ids, m * seq_length, cfg.final_eval.batch_size, dtype) for m in multiples]
+    table = results_table(results, seq_length)
+    report = {"checkpoint": "final weights", "split": "validation split", "results": [r.to_dict() for r in results]}
+    write_report(Path(cfg.paths.run_dir) / "final", report, table, "The final model on the validation split")
+    print(f"[transformer-lm] final model at {', '.join(f'{m}x' for m in multiples)} context:\n{table}", file=sys.stderr)
+    return results
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")

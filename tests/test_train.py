@@ -48,9 +48,29 @@ def run_train(args, tmp_path, check=True):
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def hparams_of(run_dir: Path) -> dict:
+    """The HParams plugin's data in a run's event file: its hyperparameters, checked to declare our metrics."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {"val/loss", "val/bpc", "val/best_loss"}
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    return {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
+
+
+def text_samples(run_dir: Path) -> list[int]:
+    """The steps at which a text sample was logged."""
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return [e.step for e in events.Tensors("sample/text_summary")]
 
 
 def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
@@ -60,8 +80,8 @@ def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
             f"data.path={corpus}",
             *TINY,
             "trainer.max_steps=12",
-            "pos_encoding=learned,sinusoidal,rope",
-            "optimizer=adamw,adafactor",
+            "pos_encoding=learned,alibi,none",  # rope and sinusoidal: in every other run and in test_model.py
+            "optimizer=adafactor,muon",  # adamw: the default
         ],
         tmp_path,
     )
@@ -75,8 +95,11 @@ def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
             checkpoint = torch.load(run / "checkpoints" / ckpt, map_location="cpu", weights_only=True)
             assert checkpoint[CHECKPOINT_KEY]["vocab"] == "".join(sorted(set(corpus.read_text())))
         values = scalars(run)
-        for tag in ("train/loss", "val/loss", "val/ppl", "val/bpc"):
+        for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "val/bpc", "val/best_loss"):
             assert values.get(tag), f"{run.name} logged no {tag}"
+        assert not [t for t in values if t == "epoch" or t.startswith(("lr-", "train/time", "train/batches"))]
+        assert hparams_of(run)["optimizer.name"] in ("adafactor", "muon")
+        assert (run / "summary.json").is_file()
         # 12 steps < val_check_interval, yet the run ends with a full validation pass
         assert len(values["val/loss"]) == 1
         assert values["val/bpc"][-1] == pytest.approx(values["val/loss"][-1] / 0.6931471805599453, rel=1e-4)
@@ -177,7 +200,7 @@ def test_a_failed_sample_is_a_warning_not_a_failed_run(tmp_path, corpus):
     result = run_train(
         [f"data.path={corpus}", *TINY, "trainer.max_steps=4", "callbacks.text_sample.prompt='§'"], tmp_path
     )
-    assert "warning: no end-of-run sample" in result.stderr and "§" in result.stderr
+    assert "warning: no text sample" in result.stderr and "§" in result.stderr
     assert "final val/bpc=" in result.stderr
     run = next((tmp_path / "outputs" / "runs").iterdir())
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "sample.txt").exists()
@@ -197,7 +220,7 @@ def test_a_time_budget_alone_drives_the_schedule_to_its_end(tmp_path, corpus):
     )
     assert "a time budget of 00:00:00:04 (learning rate follows the time clock)" in result.stderr
     run = next((tmp_path / "outputs" / "runs").iterdir())
-    lrs = scalars(run)["lr-AdamW/pg1"]
+    lrs = scalars(run)["train/lr"]
     assert len(lrs) > 20, "a four-second budget holds many tiny steps"
     assert lrs[:5] == pytest.approx([1e-3 * (i + 1) / 5 for i in range(5)])  # warmup in steps
     decay = lrs[5:]
@@ -257,3 +280,28 @@ def test_bf16_on_a_cpu_that_only_emulates_it_gets_a_warning(monkeypatch):
     assert hardware.emulated_bf16_warning("32-true", "cpu") is None
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
     assert hardware.emulated_bf16_warning("bf16-mixed", "cpu") is None
+
+
+def test_samples_at_each_validation_and_a_final_evaluation_past_the_training_context(tmp_path, corpus):
+    import json
+
+    run_train(
+        [
+            f"data.path={corpus}",
+            *TINY,
+            "pos_encoding=alibi",
+            "trainer.max_steps=8",
+            "trainer.val_check_interval=4",
+            "final_eval.context_multiples=[1,2,4]",
+        ],
+        tmp_path,
+    )
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    assert text_samples(run) == [4, 8]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["global_step"] == 8
+    results = json.loads((run / "final.eval.json").read_text())["results"]
+    assert [r["context_length"] for r in results] == [32, 64, 128] and all(r["loss"] for r in results)
+    # validation in training and evaluation share one loss function: same windows, same number
+    assert results[0]["loss"] == pytest.approx(summary["metrics"]["val/loss"], abs=1e-5)
+    assert summary["metrics"]["val/best_loss"] == pytest.approx(min(scalars(run)["val/loss"]))

@@ -1,0 +1,54 @@
+"""TensorBoard logging as this project wants it: an HParams tab that works, and no clutter in the scalar list."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.tensorboard.summary import hparams
+
+# The HParams tab shows, for every run, the last value of each of these scalar series.
+HPARAM_METRICS = ("val/loss", "val/bpc", "val/best_loss")
+
+
+def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """Nested settings as one level of dotted keys with values TensorBoard can show (lists and None as text)."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_hparams(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class TensorBoardLogger(LightningTensorBoardLogger):
+    """Lightning's `TensorBoardLogger`, with two changes.
+
+    - `log_hyperparams` writes the HParams plugin's data with `HPARAM_METRICS` declared as its metrics (Lightning
+      writes none with `default_hp_metric=False` and no metrics), so TensorBoard's HParams tab lists every run
+      with its settings and final `val/loss`, `val/bpc` and best `val/loss`, without logging placeholder values.
+    - Lightning's `epoch` scalar, which it adds to every logging call, is dropped: these runs count steps.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("default_hp_metric", False)
+        super().__init__(*args, **kwargs)
+
+    @rank_zero_only
+    def log_hyperparams(self, params, metrics=None, step=None) -> None:
+        super().log_hyperparams(params, metrics, step)  # hparams.yaml
+        if metrics is None:
+            flat = flatten_hparams(params if isinstance(params, Mapping) else vars(params))
+            writer = self.experiment._get_file_writer()
+            for summary in hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0)):
+                writer.add_summary(summary)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
