@@ -13,6 +13,12 @@ CONFIG_DIR = str(ROOT / "conf")
 os.environ.setdefault("LM_PROJECT_ROOT", str(ROOT))
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
+# Launchers that run jobs in fresh processes (submitit, locally or on SLURM) unpickle the job function there, and it
+# imports this module: they must find scripts/ and the project as this process does.
+_paths = [str(ROOT / "scripts"), str(ROOT)]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    dict.fromkeys(_paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+)
 
 from omegaconf import OmegaConf  # noqa: E402
 

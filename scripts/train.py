@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from _common import CONFIG_DIR, report_errors
+from _common import CONFIG_DIR, full_errors, report_errors
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,26 +98,31 @@ FP32_RECIPE = {
 
 
 def recipe_for_this_machine(argv: list[str]) -> list[str]:
-    """Adds FP32_RECIPE to a command that picks no model size (no model=, experiment= or debug=) and will train in
-    fp32, so the default run suits the machine. Each item shows in the run's name and .hydra/overrides.yaml like
-    one typed by hand; a value of your own for the same key wins (and optimizer= keeps that optimizer's lr)."""
+    """Adds FP32_RECIPE to a command that picks no model size (no model=, experiment=, debug= or hparams_search=)
+    and will train in fp32, so the default run suits the machine. Each item shows in the run's name and
+    .hydra/overrides.yaml like one typed by hand; a value of your own for the same key wins (and optimizer= keeps
+    that optimizer's lr)."""
     given = dict(a.lstrip("+~").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
-    if given.keys() & {"model", "experiment", "debug"}:
+    if given.keys() & {"model", "experiment", "debug", "hparams_search"}:
         return argv
     device_type = training_device_type(given.get("trainer.accelerator", "auto"))
     precision, _ = resolve_precision(given.get("trainer.precision", "auto"), device_type)
     if "16" in precision:  # bf16 or fp16: the fast kind
         return argv
     taken = set(given) | ({"optimizer.lr"} if any(k.startswith("optimizer") for k in given) else set())
-    return [*argv, *(f"{key}={v}" for key, v in FP32_RECIPE.items() if key not in taken)]
+    recipe = [f"{key}={v}" for key, v in FP32_RECIPE.items() if key not in taken]
+    # before the first override of your own: Hydra's parser wants all overrides together (e.g. before a --cfg job)
+    at = next((i for i, a in enumerate(argv) if i > 0 and "=" in a and not a.startswith("-")), len(argv))
+    return [*argv[:at], *recipe, *argv[at:]]
 
 
-@report_errors
 def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one training job; returns the final metrics (val/loss, val/bpc, ...)."""
     ckpt_path = resume_checkpoint(cfg)  # fail fast on a bad resume= or ckpt_path=
     if cfg.malloc_reuse:
         retain_freed_memory()
+    if threads := threads_per_job(cfg):
+        torch.set_num_threads(threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     tokenizer = datamodule.tokenizer  # opens (and if needed downloads and encodes) the corpus
@@ -176,6 +184,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "tokens_per_step": datamodule.batch_size * datamodule.seq_length * trainer.world_size,
             "parameters": module.model.num_parameters(),
             "seq_length": config.seq_length,
+            "threads": torch.get_num_threads(),
             "hparams": hparams,
             "evaluations": [r.to_dict() for r in evaluations],
         }
@@ -183,6 +192,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
             Path(cfg.paths.run_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))
         )
     return metrics
+
+
+def threads_per_job(cfg: DictConfig) -> int | None:
+    """torch threads for this process: `threads`, or with `threads=auto` under a launcher that runs n_jobs at once
+    (hydra/launcher=joblib), the cores divided among the jobs, so n_jobs x threads never exceeds them, and under
+    submitit the CPUs each job asked for (cpus_per_task); None: torch's own default (all cores)."""
+    if cfg.threads != "auto":
+        if not isinstance(cfg.threads, int) or cfg.threads <= 0:
+            raise ConfigError(f"threads={cfg.threads} must be a positive integer or auto.")
+        return cfg.threads
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    launcher = HydraConfig.get().launcher
+    if launcher.get("cpus_per_task"):  # submitit (local or SLURM): the CPUs each job was given
+        return int(launcher.cpus_per_task)
+    n_jobs = launcher.get("n_jobs")
+    if not n_jobs:
+        return None
+    cores = os.cpu_count() or 1
+    n_jobs = cores if n_jobs < 0 else min(n_jobs, cores)
+    return max(1, cores // n_jobs)
 
 
 def run_hparams(cfg: DictConfig, **resolved) -> dict:
@@ -227,10 +257,28 @@ def evaluate_final_model(cfg: DictConfig, module: LanguageModel, datamodule, pre
     return results
 
 
+def sweep_job(cfg: DictConfig) -> dict[str, float]:
+    """One job of a multirun: a failure is reported (an `error:` line, and summary.json with status "failed")
+    and the sweep goes on with its other jobs; an Optuna search records the trial as failed."""
+    try:
+        return train(cfg)
+    except Exception as error:
+        if full_errors():
+            traceback.print_exc()
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"error: {message} (in {cfg.paths.run_dir}; the sweep goes on)", file=sys.stderr, flush=True)
+        summary = {"status": "failed", "error": message}
+        write_atomically(Path(cfg.paths.run_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary)))
+        return {}
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get("val/loss")  # the value a Hydra sweeper would optimise
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        metrics = sweep_job(cfg)
+    else:
+        metrics = report_errors(train)(cfg)
+    return metrics.get("val/loss")  # the value a Hydra sweeper optimises (None: a failed trial)
 
 
 if __name__ == "__main__":

@@ -254,7 +254,10 @@ def test_the_default_run_is_sized_for_the_machine(monkeypatch, native_bf16):
     recipe = [] if native_bf16 else [f"{k}={v}" for k, v in train.FP32_RECIPE.items()]
     assert "model=mini" in recipe or native_bf16
     assert train.recipe_for_this_machine(["train.py"]) == ["train.py", *recipe]
-    assert train.recipe_for_this_machine(["train.py", "-m", "pos_encoding=learned,rope"])[3:] == recipe
+    multirun = ["train.py", "-m", "pos_encoding=learned,rope"]
+    assert train.recipe_for_this_machine(multirun) == ["train.py", "-m", *recipe, "pos_encoding=learned,rope"]
+    # the overrides stay together, so flags after them still parse
+    assert train.recipe_for_this_machine(["train.py", "seed=1", "--cfg", "job"])[-3:] == ["seed=1", "--cfg", "job"]
     # an explicit size, recipe or precision decides instead
     for argv in (
         ["train.py", "model=small"],
@@ -268,7 +271,7 @@ def test_the_default_run_is_sized_for_the_machine(monkeypatch, native_bf16):
     fp32 = train.recipe_for_this_machine(
         ["train.py", "trainer.precision=32-true", "optimizer=adafactor", "data.batch_size=4"]
     )
-    added = fp32[4:]
+    added = fp32[1:-3]
     assert "model=mini" in added and not any(a.startswith(("optimizer", "data.batch_size")) for a in added)
 
 
