@@ -73,3 +73,28 @@ def test_muon_with_adamw_is_one_optimizer_that_trains_and_resumes_exactly():
 def test_muon_refuses_parameters_without_roles():
     with pytest.raises(ConfigError, match="hidden_matrices"):
         MuonWithAdamW(tiny_model().parameters())
+
+
+def test_fp32_newton_schulz_matches_torchs_bf16_iteration():
+    import torch.optim._muon as torch_muon
+
+    from lm.optim import newton_schulz_fp32
+
+    for shape in [(48, 16), (16, 48), (32, 32)]:
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        expected = torch_muon._zeropower_via_newtonschulz(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float()
+        got = newton_schulz_fp32(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+        assert got.shape == shape and torch.allclose(got, expected, atol=0.03)
+
+
+def test_muon_steps_agree_whichever_dtype_orthogonalises():
+    batch = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(0))
+    weights = []
+    for dtype in ("bfloat16", "float32"):
+        model = tiny_model()
+        optimizer = MuonWithAdamW(parameter_groups(model), lr=1e-2, newton_schulz_dtype=dtype)
+        loss_of(model, batch).backward()
+        optimizer.step()
+        weights.append(model.blocks[0].mlp.fc.weight.detach().clone())
+    assert torch.allclose(weights[0], weights[1], atol=1e-3) and not torch.equal(weights[0], weights[1])
+    assert MuonWithAdamW(parameter_groups(tiny_model())).newton_schulz_dtype in ("bfloat16", "float32")
