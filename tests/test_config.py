@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import _common  # noqa: E402,F401  (registers the resolvers the configs use)
 
 from lm.model import Transformer, TransformerConfig  # noqa: E402
+from lm.optim import parameter_groups  # noqa: E402
 
 GROUPS = {
     group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
@@ -29,6 +30,7 @@ GROUPS = {
         "paths",
         "debug",
         "experiment",
+        "hparams_search",
     )
 }
 
@@ -59,7 +61,7 @@ def test_group_option_composes_and_instantiates(group, option, tmp_path, corpus)
     model_cfg = OmegaConf.to_container(cfg.model)
     model_cfg.pop("compile")
     model = Transformer(TransformerConfig(vocab_size=datamodule.tokenizer.vocab_size, **model_cfg))
-    optimizer = instantiate(cfg.optimizer)([{"params": list(model.parameters())}])
+    optimizer = instantiate(cfg.optimizer)(parameter_groups(model))
     assert isinstance(optimizer, torch.optim.Optimizer)
     for name, logger_cfg in cfg.logger.items():
         if name == "wandb":
