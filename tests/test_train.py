@@ -127,7 +127,7 @@ def test_time_budget_stops_training_after_a_final_validation(tmp_path, corpus):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert 0 < checkpoint["global_step"] < 1000000
     assert (run / "csv" / "metrics.csv").read_text().count("val/loss") == 1
-    assert "final val/bpc=" in result.stderr
+    assert "val/bpc=" in result.stderr
 
 
 def test_tiny_model_overfits_a_tiny_repeated_corpus(tmp_path):
@@ -189,7 +189,7 @@ def test_a_corpus_without_newlines_trains_and_samples_from_its_own_text(tmp_path
     rng = __import__("random").Random(0)
     path.write_text("".join(rng.choice("ACGT") for _ in range(6000)))  # one line, no newline anywhere
     result = run_train([f"data.path={path}", *TINY, "trainer.max_steps=6"], tmp_path)
-    assert "final val/bpc=" in result.stderr and "warning" not in result.stderr
+    assert "val/bpc=" in result.stderr and "warning" not in result.stderr
     run = next((tmp_path / "outputs" / "runs").iterdir())
     sample = (run / "sample.txt").read_text()
     assert len(sample) == 21 and set(sample) <= set("ACGT")
@@ -201,7 +201,7 @@ def test_a_failed_sample_is_a_warning_not_a_failed_run(tmp_path, corpus):
         [f"data.path={corpus}", *TINY, "trainer.max_steps=4", "callbacks.text_sample.prompt='§'"], tmp_path
     )
     assert "warning: no text sample" in result.stderr and "§" in result.stderr
-    assert "final val/bpc=" in result.stderr
+    assert "val/bpc=" in result.stderr
     run = next((tmp_path / "outputs" / "runs").iterdir())
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "sample.txt").exists()
 
@@ -226,7 +226,7 @@ def test_a_time_budget_alone_drives_the_schedule_to_its_end(tmp_path, corpus):
     decay = lrs[5:]
     assert all(b <= a + 1e-12 for a, b in zip(decay, decay[1:], strict=False)), "the cosine only goes down"
     assert decay[0] > 0.9e-3 and decay[-1] < 1.1e-4  # from the peak to min_lr_ratio * lr, ending with the budget
-    assert "final val/bpc=" in result.stderr
+    assert "val/bpc=" in result.stderr
 
 
 def test_a_run_with_no_length_gets_the_default_time_budget_and_steps_stay_steps(tmp_path):
