@@ -269,7 +269,8 @@ def _plots(sweep_dir: Path, jobs: list[JobRecord], rows: list[dict]) -> dict[str
 
     # loss against model size, with a fitted power law L = a * N^-b
     sized = [r for r in rows if r["parameters"] and r["val_loss"] is not None]
-    if len({r["parameters"] for r in sized}) >= 2:
+    sizes = [r["parameters"] for r in sized]
+    if sizes and max(sizes) >= 2 * min(sizes):  # model size varies (not just, say, learned positions' table)
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         n = np.array([r["parameters"] for r in sized], dtype=float)
         loss = np.array([r["val_loss"] for r in sized])

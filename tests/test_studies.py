@@ -50,7 +50,7 @@ def test_each_study_composes_as_a_multirun_over_three_seeds(study):
 
 
 @pytest.mark.parametrize(
-    ("study", "choice", "lr"), [("optimizer_study", "adafactor", 1e-2), ("scaling_study", "base", 1e-3)]
+    ("study", "choice", "lr"), [("optimizer_study", "adafactor", 8e-2), ("scaling_study", "base", 2e-3)]
 )
 def test_studies_pick_each_jobs_learning_rate_by_its_choice(study, choice, lr):
     group = "optimizer" if study == "optimizer_study" else "model"
@@ -131,6 +131,15 @@ def test_compare_fits_a_power_law_when_model_size_varies(tmp_path):
             (job / "summary.json").write_text(json.dumps(summary))
     written = write_report(tmp_path)
     assert "scaling.png" in written and written["scaling.png"].stat().st_size > 0
+    # learned positions add a few parameters: not a change of model size, no scaling plot
+    same_size = tmp_path / "pe"
+    for i, n in enumerate([800_000, 816_000]):
+        job = same_size / f"{i}_pos-{i}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"pos_encoding=p{i}", "seed=1"]))
+        summary = {"status": "finished", "parameters": n, "seq_length": 128, "metrics": {"val/loss": 1.8}}
+        (job / "summary.json").write_text(json.dumps(summary))
+    assert "scaling.png" not in write_report(same_size)
     assert [j.label for j in load_sweep(tmp_path)][:2] == ["model=size0", "model=size0"]
     assert "n/a" in (tmp_path / "results.md").read_text()  # no 4x evaluation in these summaries
 
