@@ -121,15 +121,26 @@ class KVCache:
     """Keys and values of every layer for the positions decoded so far, preallocated up to `max_length`.
 
     Layer i's keys are `kv[i][0]` and its values `kv[i][1]`, each (B, H, max_length, D): one tensor per layer, so a
-    decoding step writes a position's key and value with one copy.
+    decoding step writes a position's key and value with one copy. `matrices`, when given, maps a model's
+    `nn.Linear` modules to the matrices that one-position steps multiply with instead of their own weights (see
+    `decoding_matrices`).
     """
 
-    def __init__(self, config: TransformerConfig, batch_size: int, max_length: int, device, dtype):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        batch_size: int,
+        max_length: int,
+        device,
+        dtype,
+        matrices: dict[nn.Module, torch.Tensor] | None = None,
+    ):
         shape = (2, batch_size, config.n_head, max_length, config.head_dim)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.positions = torch.arange(max_length, device=device)  # for the visibility mask of a decoding step
         self.length = 0  # positions filled so far
         self.max_length = max_length
+        self.matrices = matrices or {}
 
 
 class CausalSelfAttention(nn.Module):
@@ -194,9 +205,11 @@ class CausalSelfAttention(nn.Module):
         (3, D, D) for this position. Every shape is fixed whatever the position, so the step compiles once
         (`generate(compile=True)`)."""
         B, C = h.shape
-        qkv = decode_linear(h, self.qkv).view(B, 3, self.n_head, self.head_dim)
-        if rotation is not None:
-            qkv = qkv @ rotation  # q and k rotated, v as it was: one product
+        qkv = decode_linear(h, self.qkv, cache.matrices.get(self.qkv)).view(B, 3, self.n_head, self.head_dim)
+        if rotation is not None:  # q and k rotated, v as it was: one product (rows of all samples, not a broadcast
+            # of `rotation` over the batch, which would copy it B times)
+            rows = qkv.transpose(0, 1).reshape(3, B * self.n_head, self.head_dim)
+            qkv = torch.bmm(rows, rotation).view(3, B, self.n_head, self.head_dim).transpose(0, 1)
         kv = cache.kv[self.layer]
         kv.index_copy_(3, position.view(1), qkv[:, 1:].transpose(0, 1).unsqueeze(3))  # this key and value
         # one query per head: three small products beat the fused kernel's fixed cost here (~30 vs ~100 us)
@@ -204,32 +217,58 @@ class CausalSelfAttention(nn.Module):
         q = qkv[:, 0].reshape(B * self.n_head, 1, self.head_dim)
         scores = torch.baddbmm(visible, q, keys.transpose(1, 2), alpha=self.head_dim**-0.5)
         y = torch.bmm(scores.softmax(dim=-1), values)
-        return decode_linear(y.view(B, C), self.proj, residual)
+        return decode_linear(y.view(B, C), self.proj, cache.matrices.get(self.proj), residual)
 
 
-# A decoding step's products have one row per sample. On a CPU, MKL runs a one-row product on one core; split into
-# row blocks of the weight as a batched product, it spreads over all of them (base: 3.3 vs 5.5 ms for the weights
-# of a whole step on 2 cores, close to the 2.2 ms that just reading them takes).
+# A decoding step's products have one row per sample. On a CPU, MKL runs such a product on one core; split into
+# row blocks of the weight as a batched product, it spreads over all of them (base, 2 cores: 4.5 vs 6.5 ms for the
+# weights of a whole step with one row, 6.7 vs 11 ms with eight).
 DECODE_ROW_BLOCKS = 8
+DECODE_MAX_ROWS = 16  # beyond this, a plain product is efficient
 
 
-def decode_linear(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`residual + linear(x)` (or `linear(x)`) for x of shape (B, in), as fast as a decoding step allows."""
-    weight = linear.weight
+def decode_linear(
+    x: torch.Tensor, linear: nn.Linear, matrix: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`residual + linear(x)` (or `linear(x)`) for x of shape (B, in), as fast as a decoding step allows;
+    `matrix` replaces `linear.weight` when given (a float16 copy: see `decoding_matrices`)."""
+    weight = linear.weight if matrix is None else matrix
+    B = x.shape[0]
     out_features, in_features = weight.shape
-    if x.shape[0] == 1 and x.device.type == "cpu" and out_features % DECODE_ROW_BLOCKS == 0:
-        k = DECODE_ROW_BLOCKS
-        blocks = weight.view(k, out_features // k, in_features).transpose(1, 2)  # (k, in, out / k), a view
-        rows = x.view(1, 1, in_features).expand(k, 1, in_features)
+    if weight.dtype != x.dtype:  # a reduced-precision copy: PyTorch's one-row kernel, accumulating in float32
+        out = F.linear(x.to(weight.dtype), weight)
+        out = out.to(x.dtype) if residual is None else torch.add(residual, out)
+    elif B <= DECODE_MAX_ROWS and x.device.type == "cpu" and out_features % DECODE_ROW_BLOCKS == 0:
+        k, block = DECODE_ROW_BLOCKS, out_features // DECODE_ROW_BLOCKS
+        blocks = weight.view(k, block, in_features).transpose(1, 2)  # (k, in, out / k), a view
+        rows = x.view(1, B, in_features).expand(k, B, in_features)
         if residual is None:
-            out = torch.bmm(rows, blocks).view(1, out_features)
+            out = torch.bmm(rows, blocks)
         else:
-            out = torch.baddbmm(residual.view(k, 1, out_features // k), rows, blocks).view(1, out_features)
+            out = torch.baddbmm(residual.view(B, k, block).transpose(0, 1), rows, blocks)
+        out = out.view(1, out_features) if B == 1 else out.transpose(0, 1).reshape(B, out_features)
     elif residual is None:
-        return linear(x)
+        out = F.linear(x, weight)
     else:
         out = torch.addmm(residual, x, weight.t())
     return out if linear.bias is None else out + linear.bias
+
+
+def decoding_matrices(model: nn.Module, batch_size: int) -> dict[nn.Module, torch.Tensor]:
+    """float16 copies of the model's `nn.Linear` weights, for `KVCache(matrices=...)`, where they make one-position
+    steps faster: on a CPU, with one row, for a float32 model. A step there is bound by reading the weights, and
+    PyTorch's float16 one-row kernel reads half the bytes (base: 2.2 vs 4.5 ms for a whole step's weights on 2 cores).
+    Elsewhere (or with weights beyond float16's range) it returns {} and steps use the weights as they are.
+
+    The copies round each weight to 11 significant bits; the products still accumulate in float32. Logits move by
+    about 1e-3 of their size."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if batch_size != 1 or not linears or any(m.weight.device.type != "cpu" for m in linears):
+        return {}
+    weights = [m.weight.detach() for m in linears]
+    if any(w.dtype != torch.float32 or w.abs().max() >= torch.finfo(torch.float16).max for w in weights):
+        return {}
+    return {m: w.to(torch.float16) for m, w in zip(linears, weights, strict=True)}
 
 
 class MLP(nn.Module):
@@ -262,7 +301,9 @@ class Block(nn.Module):
     def decode_step(self, x: torch.Tensor, position, visible, rotation, cache: KVCache) -> torch.Tensor:
         """`forward` with a cache for one new position per row, `x` of shape (B, C), in inference (no dropout)."""
         x = self.attn.decode_step(self.ln_1(x), x, position, visible, rotation, cache)
-        return decode_linear(F.gelu(decode_linear(self.ln_2(x), self.mlp.fc)), self.mlp.proj, x)
+        fc, proj = self.mlp.fc, self.mlp.proj
+        h = F.gelu(decode_linear(self.ln_2(x), fc, cache.matrices.get(fc)))
+        return decode_linear(h, proj, cache.matrices.get(proj), x)
 
 
 class Transformer(nn.Module):
@@ -371,4 +412,4 @@ class Transformer(nn.Module):
             visible = visible.view(1, 1, -1)
         for block in self.blocks:
             x = block.decode_step(x, position, visible, rotation, cache)
-        return decode_linear(self.ln_f(x), self.head)
+        return decode_linear(self.ln_f(x), self.head, cache.matrices.get(self.head))

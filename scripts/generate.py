@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> None:
     print(
         f"[generate] {model.config.n_layer} layers x {model.config.n_embd}, "
         f"{model.config.pos_encoding.name} positions, context {model.config.seq_length}, on {device}, "
-        f"kv_cache={cfg.kv_cache}, compile={cfg.compile}",
+        f"kv_cache={cfg.kv_cache}, compile={cfg.compile}, exact={cfg.exact}",
         file=sys.stderr,
         flush=True,
     )
@@ -76,6 +76,7 @@ def run(cfg: DictConfig) -> None:
         kv_cache=cfg.kv_cache,
         on_token=stream if cfg.num_samples == 1 else None,
         compile=cfg.compile,
+        exact=cfg.exact,
     )
     elapsed = time.perf_counter() - start
     if cfg.num_samples > 1:

@@ -11,7 +11,7 @@ import torch
 
 from lm import generate, load_model
 from lm.errors import CheckpointError, ConfigError, DataError
-from lm.model import POSITIONAL_ENCODINGS, KVCache, Transformer, TransformerConfig
+from lm.model import POSITIONAL_ENCODINGS, KVCache, Transformer, TransformerConfig, decoding_matrices
 from lm.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_incremental_logits_match_full_forward(pe):
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
-@pytest.mark.parametrize("batch", [1, 3])  # one row takes the CPU's row-block products, several the plain ones
+@pytest.mark.parametrize("batch", [1, 3, 20])  # up to 16 rows take the CPU's row-block products, more the plain ones
 def test_decode_step_matches_full_forward_at_every_position(pe, batch):
     model = random_model(pe)
     idx = torch.randint(0, len(VOCAB), (batch, 24))
@@ -59,10 +59,39 @@ def test_decode_step_matches_full_forward_at_every_position(pe, batch):
             assert torch.allclose(logits, full[:, t], atol=1e-4), f"position {t}"
 
 
+@pytest.mark.parametrize("pe", ["rope", "alibi"])
+def test_float16_matrices_keep_the_logits_within_their_rounding(pe):
+    model = random_model(pe)
+    matrices = decoding_matrices(model, batch_size=1)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert set(matrices) == set(linears) and all(w.dtype == torch.float16 for w in matrices.values())
+    idx = torch.randint(0, len(VOCAB), (1, 24))
+    with torch.inference_mode():
+        full = model(idx)
+        cache = KVCache(model.config, 1, 24, "cpu", torch.float32, matrices)
+        model(idx[:, :5], cache)
+        for t in range(5, 24):
+            logits = model.decode_step(idx[:, t], cache.positions[t], cache)
+            cache.length += 1
+            error = (logits - full[:, t]).abs().max() / full[:, t].abs().max()
+            assert 1e-6 < error < 1e-2, f"position {t}: relative error {error}"  # rounded, but only just
+
+
+def test_float16_matrices_only_where_they_pay():
+    model = random_model("rope")
+    assert decoding_matrices(model, batch_size=8) == {}  # several rows: float32 row-block products are faster
+    assert decoding_matrices(model.to(torch.bfloat16), batch_size=1) == {}  # not a float32 model
+    big = random_model("rope")
+    with torch.no_grad():
+        big.blocks[0].mlp.fc.weight[0, 0] = 1e5  # beyond float16's range
+    assert decoding_matrices(big, batch_size=1) == {}
+
+
 def test_compiled_decoding_gives_the_same_greedy_text():
     model, tok = random_model("rope"), CharTokenizer(VOCAB)
     kwargs = dict(prompt="To be", max_new_tokens=40, temperature=0)  # past the context: the cache is rebuilt
-    assert generate(model, tok, compile=True, **kwargs) == generate(model, tok, **kwargs)
+    for exact in (True, False):  # compiled with the model's weights, and with float16 copies
+        assert generate(model, tok, compile=True, exact=exact, **kwargs) == generate(model, tok, exact=exact, **kwargs)
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
@@ -70,7 +99,7 @@ def test_greedy_text_is_identical_with_and_without_cache(pe):
     model, tok = random_model(pe), CharTokenizer(VOCAB)
     for prompt in ("To be", "To be, or not to be:"):  # shorter and longer than half the context
         kwargs = dict(prompt=prompt, max_new_tokens=24 - len(prompt), temperature=0)  # fills the context exactly
-        assert generate(model, tok, kv_cache=True, **kwargs) == generate(model, tok, kv_cache=False, **kwargs)
+        assert generate(model, tok, exact=True, **kwargs) == generate(model, tok, kv_cache=False, **kwargs)
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
