@@ -141,6 +141,7 @@ class TextSample(L.Callback):
         )
         self.output_dir = output_dir
         self.last: tuple[int | None, str | None] = (None, None)  # (step, text) of the latest sample
+        self.failures: set[str] = set()  # reasons already reported: a failure that repeats is said once
 
     def start_text(self, trainer: L.Trainer, pl_module) -> str:
         if self.prompt:
@@ -151,7 +152,7 @@ class TextSample(L.Callback):
         return pl_module.tokenizer.vocab[0]
 
     def sample(self, trainer: L.Trainer, pl_module) -> str | None:
-        """A sample from the model as it is now, or None (with a warning) if sampling fails."""
+        """A sample from the model as it is now, or None (with a warning, once per reason) if sampling fails."""
         try:
             # a compiled model (model.compile=true) would recompile for every generation length: run it eagerly
             with torch.compiler.set_stance("force_eager"):
@@ -166,7 +167,9 @@ class TextSample(L.Callback):
                 )[0]
         except Exception as error:  # a sample is a courtesy: warn, never fail the run
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"warning: no text sample ({message}); training goes on.", file=sys.stderr)
+            if message not in self.failures:
+                self.failures.add(message)
+                print(f"warning: no text sample ({message}); training goes on.", file=sys.stderr)
             return None
 
     def log_sample(self, trainer: L.Trainer, text: str) -> None:

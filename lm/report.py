@@ -208,16 +208,29 @@ def write_report(sweep_dir: Path | str) -> dict[str, Path]:
 
 
 def _plots(sweep_dir: Path, jobs: list[JobRecord], rows: list[dict]) -> dict[str, Path]:
+    """Writes the sweep's figures that its data supports; returns {file name: path}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = {}
     labels = [r["configuration"] for r in rows]
     colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    figures = {
+        "val_loss.png": _loss_curves(plt, jobs, labels, colors),
+        "extrapolation.png": _extrapolation(plt, jobs, labels, colors),
+        "scaling.png": _scaling(plt, rows),
+    }
+    written = {}
+    for name, fig in figures.items():
+        if fig is not None:
+            written[name] = _save(fig, sweep_dir / name)
+            plt.close(fig)
+    return written
 
-    # validation loss against step and against wall time: the mean over seeds, their range as a band
+
+def _loss_curves(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
+    """Validation loss against step and against wall time: the mean over seeds, their range as a band."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     drawn = False
     for label in labels:
@@ -233,16 +246,19 @@ def _plots(sweep_dir: Path, jobs: list[JobRecord], rows: list[dict]) -> dict[str
             if len(curves) > 1:
                 ax.fill_between(x, values.min(0), values.max(0), color=colors[label], alpha=0.2)
         drawn = True
-    if drawn:
-        axes[0].set(xlabel="step", ylabel="validation loss (nats/char)", title="against steps")
-        axes[1].set(xlabel="wall time (s)", title="against wall time (mean over seeds)")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8, title="configuration (seeds)")
-        written["val_loss.png"] = _save(fig, sweep_dir / "val_loss.png")
-    plt.close(fig)
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set(xlabel="step", ylabel="validation loss (nats/char)", title="against steps")
+    axes[1].set(xlabel="wall time (s)", title="against wall time (mean over seeds)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="configuration (seeds)")
+    return fig
 
-    # bits per character against the context length the final model reads
+
+def _extrapolation(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
+    """Bits per character against the context length the final model reads."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     drawn = False
     for label in labels:
@@ -258,36 +274,39 @@ def _plots(sweep_dir: Path, jobs: list[JobRecord], rows: list[dict]) -> dict[str
             stds = [np.std(by_length[n], ddof=1) if len(by_length[n]) > 1 else 0 for n in lengths]
             ax.errorbar(lengths, means, yerr=stds, color=colors[label], label=label, marker="o", capsize=3)
             drawn = True
-    if drawn:
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="evaluation context length (characters)", ylabel="validation bits per character")
-        ax.set_title("Reading past the training context")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        written["extrapolation.png"] = _save(fig, sweep_dir / "extrapolation.png")
-    plt.close(fig)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="evaluation context length (characters)", ylabel="validation bits per character")
+    ax.set_title("Reading past the training context")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
-    # loss against model size, with a fitted power law L = a * N^-b
+
+def _scaling(plt, rows: list[dict]):
+    """Final loss against model size with a fitted power law L = a * N^-b, when the size varies 2x or more (not
+    just, say, by a learned position table)."""
     sized = [r for r in rows if r["parameters"] and r["val_loss"] is not None]
     sizes = [r["parameters"] for r in sized]
-    if sizes and max(sizes) >= 2 * min(sizes):  # model size varies (not just, say, learned positions' table)
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        n = np.array([r["parameters"] for r in sized], dtype=float)
-        loss = np.array([r["val_loss"] for r in sized])
-        ax.errorbar(n, loss, yerr=[r["val_loss_std"] or 0 for r in sized], marker="o", linestyle="", capsize=3)
-        for r in sized:
-            ax.annotate(r["configuration"], (r["parameters"], r["val_loss"]), fontsize=7, alpha=0.7)
-        slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
-        grid = np.geomspace(n.min(), n.max(), 50)
-        ax.plot(grid, np.exp(intercept) * grid**slope, "--", label=f"L = {np.exp(intercept):.2f} N^{slope:.3f}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set(xlabel="parameters", ylabel="final validation loss (nats/char)", title="Scaling with model size")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-        written["scaling.png"] = _save(fig, sweep_dir / "scaling.png")
-        plt.close(fig)
-    return written
+    if not sizes or max(sizes) < 2 * min(sizes):
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    n = np.array(sizes, dtype=float)
+    loss = np.array([r["val_loss"] for r in sized])
+    ax.errorbar(n, loss, yerr=[r["val_loss_std"] or 0 for r in sized], marker="o", linestyle="", capsize=3)
+    for r in sized:
+        ax.annotate(r["configuration"], (r["parameters"], r["val_loss"]), fontsize=7, alpha=0.7)
+    slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
+    grid = np.geomspace(n.min(), n.max(), 50)
+    ax.plot(grid, np.exp(intercept) * grid**slope, "--", label=f"L = {np.exp(intercept):.2f} N^{slope:.3f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="parameters", ylabel="final validation loss (nats/char)", title="Scaling with model size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return fig
 
 
 def _save(fig, path: Path) -> Path:

@@ -197,10 +197,10 @@ def test_a_corpus_without_newlines_trains_and_samples_from_its_own_text(tmp_path
 
 
 def test_a_failed_sample_is_a_warning_not_a_failed_run(tmp_path, corpus):
-    result = run_train(
-        [f"data.path={corpus}", *TINY, "trainer.max_steps=4", "callbacks.text_sample.prompt='§'"], tmp_path
-    )
-    assert "warning: no text sample" in result.stderr and "§" in result.stderr
+    overrides = ["trainer.max_steps=6", "trainer.val_check_interval=2", "callbacks.text_sample.prompt='§'"]
+    result = run_train([f"data.path={corpus}", *TINY, *overrides], tmp_path)
+    # three validations fail to sample for the same reason: one warning
+    assert result.stderr.count("warning: no text sample") == 1 and "§" in result.stderr
     assert "val/bpc=" in result.stderr
     run = next((tmp_path / "outputs" / "runs").iterdir())
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "sample.txt").exists()
