@@ -22,6 +22,7 @@ from _common import CONFIG_DIR, full_errors, report_errors
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from lm.data import write_atomically
@@ -140,6 +141,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     precision, note = resolve_precision(trainer_cfg.precision, training_device_type(trainer_cfg.accelerator))
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if trainer_cfg.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        # the same bar for every install: Lightning takes Rich's whenever `rich` can be imported (optuna pulls it
+        # in), and that one draws nothing until training ends when its output is a log file
+        callbacks.append(TQDMProgressBar())
     trainer: L.Trainer = instantiate(
         trainer_cfg, **limits, precision=precision, logger=loggers or False, callbacks=callbacks
     )

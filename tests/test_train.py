@@ -1,6 +1,7 @@
 """End-to-end training through scripts/train.py, and a tiny model overfitting a tiny corpus."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,8 @@ def test_a_corpus_without_newlines_trains_and_samples_from_its_own_text(tmp_path
     path.write_text("".join(rng.choice("ACGT") for _ in range(6000)))  # one line, no newline anywhere
     result = run_train([f"data.path={path}", *TINY, "trainer.max_steps=6"], tmp_path)
     assert "val/bpc=" in result.stderr and "warning" not in result.stderr
+    # tqdm's bar whatever else is installed (Rich's, which optuna pulls in, draws nothing into a log file)
+    assert re.search(r"\d+/\d+ \[", result.stdout), result.stdout[-500:]
     run = next((tmp_path / "outputs" / "runs").iterdir())
     sample = (run / "sample.txt").read_text()
     assert len(sample) == 21 and set(sample) <= set("ACGT")
