@@ -63,34 +63,35 @@ def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus, optimizer):
     assert csv_column(a, "train/loss")[-10:] == pytest.approx(csv_column(c, "train/loss")[-10:], abs=1e-6)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, corpus, signum):
-    outputs = tmp_path / "outputs"
+def interrupt_after_steps(overrides: list[str], outputs: Path, log: Path, steps: int, signum: int) -> int:
+    """Starts `scripts/train.py` with `overrides`, sends `signum` once `steps` training steps are logged, and returns
+    the exit status (the run's output goes to `log`)."""
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "train.py"),
         f"paths.output_dir={outputs}",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"data.path={corpus}",
-        *FAST,
-        "trainer.max_steps=100000",
+        f"paths.data_dir={outputs.parent / 'data'}",
+        *overrides,
         "trainer.log_every_n_steps=1",
-        "+logger.csv.flush_logs_every_n_steps=1",  # a row per step on disk: what the test waits for
+        "+logger.csv.flush_logs_every_n_steps=1",  # a row per step on disk: what this waits for
     ]
-    stderr = tmp_path / "output.txt"
-    with open(stderr, "w") as err:
-        process = subprocess.Popen(cmd, stdout=err, stderr=err, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=out, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         deadline = time.monotonic() + 120
-        # wait until a few training steps are done (the progress bar cannot tell: rich draws it only at the end when
-        # its output is not a terminal)
         while time.monotonic() < deadline and process.poll() is None:
             logs = list(outputs.glob("runs/*/csv/metrics.csv"))
-            if logs and len(logs[0].read_text().splitlines()) > 3:
+            if logs and len(logs[0].read_text().splitlines()) > steps:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         process.send_signal(signum)
-        code = process.wait(timeout=120)
-    message = stderr.read_text()
+        return process.wait(timeout=120)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, corpus, signum):
+    outputs, log = tmp_path / "outputs", tmp_path / "output.txt"
+    code = interrupt_after_steps([f"data.path={corpus}", *FAST, "trainer.max_steps=100000"], outputs, log, 3, signum)
+    message = log.read_text()
     assert code == 128 + signum, message[-2000:]
     assert f"{signal.Signals(signum).name} received" in message and "Traceback" not in message
     run = only_run(outputs)
@@ -99,6 +100,39 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, corpus, signum
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     run_train([f"data.path={corpus}", *FAST, f"trainer.max_steps={step + 5}", f"resume={run}"], tmp_path)
     assert last_checkpoint(run)["global_step"] == step + 5
+
+
+def test_a_resumed_time_budget_run_spends_only_what_is_left_and_its_schedule_goes_on(tmp_path, corpus):
+    budget = 6.0
+    overrides = [
+        f"data.path={corpus}",
+        *FAST,
+        "trainer.max_time=00:00:00:06",
+        "lr_schedule.warmup_steps=5",
+        "optimizer.lr=1e-3",
+    ]
+    outputs, log = tmp_path / "outputs", tmp_path / "output.txt"
+    code = interrupt_after_steps(overrides, outputs, log, 20, signal.SIGINT)  # past warmup, well before the end
+    assert code == 128 + signal.SIGINT, log.read_text()[-2000:]
+    run = only_run(outputs)
+    stopped = last_checkpoint(run)
+    spent = stopped["callbacks"]["Timer"]["time_elapsed"]["train"]
+    assert 0 < spent < budget - 1, "interrupted early enough to leave a budget to resume"
+    lrs_before = csv_column(run, "train/lr")
+
+    run_train([*overrides, f"resume={run}"], tmp_path)
+    finished = last_checkpoint(run)
+    assert finished["global_step"] > stopped["global_step"]
+    # the budget is for the run, not for each process: the resumed part trains for what was left
+    assert finished["callbacks"]["Timer"]["time_elapsed"]["train"] == pytest.approx(budget, abs=1.0)
+    assert finished["lr_schedule"]["warmup_end_s"] == stopped["lr_schedule"]["warmup_end_s"]
+    lrs = csv_column(run, "train/lr")  # the same CSV log, continued
+    resumed = lrs[len(lrs_before) :]
+    assert resumed, "the resumed part logged its learning rates"
+    # no second warmup: the cosine picks up below where it stopped and ends at min_lr_ratio * lr with the budget
+    assert resumed[0] <= lrs_before[-1] + 1e-12 and resumed[0] > 1.1e-4
+    assert all(b <= a + 1e-12 for a, b in zip(resumed, resumed[1:], strict=False))
+    assert resumed[-1] < 1.2e-4
 
 
 def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
