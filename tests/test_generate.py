@@ -60,6 +60,20 @@ def test_decode_step_matches_full_forward_at_every_position(pe, batch):
 
 
 @pytest.mark.parametrize("pe", ["rope", "alibi"])
+def test_an_eager_step_reads_only_the_filled_part_of_the_cache(pe):
+    model = random_model(pe)
+    idx = torch.randint(0, len(VOCAB), (2, 12))
+    with torch.inference_mode():
+        full = model(idx)
+        cache = KVCache(model.config, 2, 24, "cpu", torch.float32)
+        model(idx[:, :11], cache)
+        for kv in cache.kv:
+            kv[:, :, :, 11:] = float("nan")  # what a masked read of the unfilled positions would turn into NaN
+        logits = model.decode_step(idx[:, 11], cache.positions[11], cache)
+    assert torch.allclose(logits, full[:, 11], atol=1e-4)
+
+
+@pytest.mark.parametrize("pe", ["rope", "alibi"])
 def test_float16_matrices_keep_the_logits_within_their_rounding(pe):
     model = random_model(pe)
     matrices = decoding_matrices(model, batch_size=1)
