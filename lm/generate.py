@@ -96,8 +96,8 @@ def generate(
     `torch.compile` (its shapes do not depend on the position, so it compiles once per model and batch size). An
     empty prompt starts from a newline, or from the vocabulary's first character when the corpus had no newline.
 
-    One stream on a CPU multiplies by float16 copies of the weights (`lm.model.decoding_matrices`: about 2x the
-    characters/s of `exact=True` on a 2-core EPYC, logits within ~1e-3 of their size); `exact=True` keeps every
+    On a CPU, up to 16 streams multiply by float16 versions of the weights (`lm.model.decoding_matrices`: about 2x
+    the characters/s of `exact=True` on a 2-core EPYC, logits within ~1e-3 of their size); `exact=True` keeps every
     product in the model's precision.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
@@ -117,7 +117,7 @@ def generate(
     model.eval()
     cache = None
     step = decoding_step(model, compile) if kv_cache else None
-    matrices = decoding_matrices(model, num_samples) if kv_cache and not exact else None
+    matrices = decoding_matrices(model, num_samples, compile) if kv_cache and not exact else None
     # uniforms for inverse-CDF sampling, drawn at once: one operation less per character
     uniforms = torch.rand(max_new_tokens, num_samples, 1, device=device, generator=generator)
 

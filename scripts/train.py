@@ -91,7 +91,8 @@ def run_length(cfg: DictConfig) -> tuple[dict, str]:
 # undertrained: this recipe ends lower there (README "The default run" has the runs that chose it).
 FP32_RECIPE = {
     "model": "mini",
-    "optimizer.lr": "4e-3",
+    "optimizer": "muon",  # 0.14 nats below AdamW at equal time, although a step costs ~30% more (Newton-Schulz)
+    "optimizer.lr": "1e-2",
     "data.batch_size": "8",
     "lr_schedule.warmup_steps": "30",
     "trainer.val_check_interval": "1000",  # ~3,000 short steps: validating every 250 would eat ~15% of the budget
@@ -101,8 +102,8 @@ FP32_RECIPE = {
 def recipe_for_this_machine(argv: list[str]) -> list[str]:
     """Adds FP32_RECIPE to a command that picks no model size (no model=, experiment=, debug= or hparams_search=)
     and will train in fp32, so the default run suits the machine. Each item shows in the run's name and
-    .hydra/overrides.yaml like one typed by hand; a value of your own for the same key wins (and optimizer= keeps
-    that optimizer's lr)."""
+    .hydra/overrides.yaml like one typed by hand; a value of your own for the same key wins (and an optimizer= of
+    your own keeps that optimizer's lr)."""
     given = dict(a.lstrip("+~").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
     if given.keys() & {"model", "experiment", "debug", "hparams_search"}:
         return argv
@@ -110,7 +111,7 @@ def recipe_for_this_machine(argv: list[str]) -> list[str]:
     precision, _ = resolve_precision(given.get("trainer.precision", "auto"), device_type)
     if "16" in precision:  # bf16 or fp16: the fast kind
         return argv
-    taken = set(given) | ({"optimizer.lr"} if any(k.startswith("optimizer") for k in given) else set())
+    taken = set(given) | ({"optimizer.lr"} if "optimizer" in given else set())
     recipe = [f"{key}={v}" for key, v in FP32_RECIPE.items() if key not in taken]
     # before the first override of your own: Hydra's parser wants all overrides together (e.g. before a --cfg job)
     at = next((i for i, a in enumerate(argv) if i > 0 and "=" in a and not a.startswith("-")), len(argv))

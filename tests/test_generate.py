@@ -11,7 +11,14 @@ import torch
 
 from lm import generate, load_model
 from lm.errors import CheckpointError, ConfigError, DataError
-from lm.model import POSITIONAL_ENCODINGS, KVCache, Transformer, TransformerConfig, decoding_matrices
+from lm.model import (
+    POSITIONAL_ENCODINGS,
+    KVCache,
+    Transformer,
+    TransformerConfig,
+    decode_linear,
+    decoding_matrices,
+)
 from lm.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,32 +80,54 @@ def test_an_eager_step_reads_only_the_filled_part_of_the_cache(pe):
     assert torch.allclose(logits, full[:, 11], atol=1e-4)
 
 
-@pytest.mark.parametrize("pe", ["rope", "alibi"])
-def test_float16_matrices_keep_the_logits_within_their_rounding(pe):
+FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@pytest.mark.parametrize(
+    "pe,batch_size",
+    [
+        ("rope", 1),
+        ("alibi", 1),
+        pytest.param("rope", 8, marks=pytest.mark.skipif(not FBGEMM, reason="no FBGEMM in this PyTorch build")),
+        pytest.param("alibi", 3, marks=pytest.mark.skipif(not FBGEMM, reason="no FBGEMM in this PyTorch build")),
+    ],
+)
+def test_float16_matrices_keep_the_logits_within_their_rounding(pe, batch_size):
     model = random_model(pe)
-    matrices = decoding_matrices(model, batch_size=1)
+    matrices = decoding_matrices(model, batch_size)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert set(matrices) == set(linears) and all(w.dtype == torch.float16 for w in matrices.values())
-    idx = torch.randint(0, len(VOCAB), (1, 24))
+    assert set(matrices) == set(linears)
+    if batch_size == 1:  # float16 copies
+        assert all(w.dtype == torch.float16 for w in matrices.values())
+    else:  # packed for FBGEMM: products with the float16-rounded weights, in float32
+        for m, packed in matrices.items():
+            x, residual = torch.randn(batch_size, m.in_features), torch.randn(batch_size, m.out_features)
+            expected = residual + x @ m.weight.half().float().T
+            assert torch.allclose(decode_linear(x, m, packed, residual), expected, rtol=1e-5, atol=1e-5)
+    bound = 1e-2 if batch_size == 1 else 3e-2  # the worst of several rows of this N(0, 0.5) model: up to ~2e-2
+    idx = torch.randint(0, len(VOCAB), (batch_size, 24))
     with torch.inference_mode():
         full = model(idx)
-        cache = KVCache(model.config, 1, 24, "cpu", torch.float32, matrices)
+        cache = KVCache(model.config, batch_size, 24, "cpu", torch.float32, matrices)
         model(idx[:, :5], cache)
         for t in range(5, 24):
             logits = model.decode_step(idx[:, t], cache.positions[t], cache)
             cache.length += 1
             error = (logits - full[:, t]).abs().max() / full[:, t].abs().max()
-            assert 1e-6 < error < 1e-2, f"position {t}: relative error {error}"  # rounded, but only just
+            assert 1e-6 < error < bound, f"position {t}: relative error {error}"  # rounded, but only just
 
 
 def test_float16_matrices_only_where_they_pay():
     model = random_model("rope")
-    assert decoding_matrices(model, batch_size=8) == {}  # several rows: float32 row-block products are faster
+    assert bool(decoding_matrices(model, batch_size=8)) == FBGEMM  # packed for FBGEMM's float16-weight product
+    assert decoding_matrices(model, batch_size=8, compile=True) == {}  # torch.compile cannot trace packed weights
+    assert decoding_matrices(model, batch_size=32) == {}  # many rows: float32 products are efficient
     assert decoding_matrices(model.to(torch.bfloat16), batch_size=1) == {}  # not a float32 model
     big = random_model("rope")
     with torch.no_grad():
         big.blocks[0].mlp.fc.weight[0, 0] = 1e5  # beyond float16's range
     assert decoding_matrices(big, batch_size=1) == {}
+    assert decoding_matrices(big, batch_size=8) == {}
 
 
 def test_compiled_decoding_gives_the_same_greedy_text():

@@ -276,6 +276,9 @@ def test_the_default_run_is_sized_for_the_machine(monkeypatch, native_bf16):
     )
     added = fp32[1:-3]
     assert "model=mini" in added and not any(a.startswith(("optimizer", "data.batch_size")) for a in added)
+    # another setting of the recipe's optimizer keeps the recipe's optimizer and its learning rate
+    tweaked = train.recipe_for_this_machine(["train.py", "trainer.precision=32-true", "optimizer.weight_decay=0"])
+    assert {"optimizer=muon", f"optimizer.lr={train.FP32_RECIPE['optimizer.lr']}"} <= set(tweaked[1:-2])
 
 
 def test_bf16_on_a_cpu_that_only_emulates_it_gets_a_warning(monkeypatch):
