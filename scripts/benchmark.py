@@ -296,17 +296,19 @@ def bench_reference(presets, precisions, steps, warmup, corpus, training_rows) -
 # Generation
 
 
-def weight_pass_seconds(model: Transformer, matrices: dict | None = None, repeats: int = 50) -> float:
-    """One pass over the weights, as a decoding step makes it: a one-row product with every weight matrix (through
-    `decode_linear`, as the step does; with `matrices`, the float16 copies that one stream uses). No step can be
-    faster than this: the limit of batch-1 decoding."""
+def weight_pass_seconds(model: Transformer, matrices: dict | None = None, rows: int = 1, repeats: int = 50) -> float:
+    """One pass over the weights, as a decoding step makes it: a product of `rows` rows with every weight matrix
+    (through `decode_linear`, as the step does; with `matrices`, the float16 versions that steps use on a CPU). With
+    one row, no step can be faster than this: the limit of batch-1 decoding."""
     matrices = matrices or {}
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    rows = {m.in_features: torch.ones(1, m.in_features, device=m.weight.device, dtype=m.weight.dtype) for m in linears}
+    inputs = {
+        m.in_features: torch.ones(rows, m.in_features, device=m.weight.device, dtype=m.weight.dtype) for m in linears
+    }
 
     def one_pass():
         for m in linears:
-            decode_linear(rows[m.in_features], m, matrices.get(m))
+            decode_linear(inputs[m.in_features], m, matrices.get(m))
 
     with torch.inference_mode():
         return median_step_time(lambda i: one_pass(), 5, repeats)
@@ -339,6 +341,8 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) ->
         weight_pass = weight_pass_seconds(model)
         # the weights one stream reads: float16 copies on a CPU (lm.model.decoding_matrices), else the model's own
         weight_pass_one_stream = weight_pass_seconds(model, decoding_matrices(model, 1))
+        weight_pass_8_rows = weight_pass_seconds(model, rows=8)
+        weight_pass_8_streams = weight_pass_seconds(model, decoding_matrices(model, 8), rows=8)  # FBGEMM's, on a CPU
         row = {
             "preset": preset,
             "precision": precision,
@@ -353,6 +357,8 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) ->
             "weight_pass_ms": 1000 * weight_pass,
             "weight_pass_one_stream_ms": 1000 * weight_pass_one_stream,
             "limit_chars_per_s": 1 / weight_pass_one_stream,
+            "weight_pass_8_rows_ms": 1000 * weight_pass_8_rows,
+            "weight_pass_8_streams_ms": 1000 * weight_pass_8_streams,
         }
         row["cache_speedup"] = row["chars_per_s_cache"] / row["chars_per_s_no_cache"]
         row["streams_speedup"] = row["chars_per_s_8_streams"] / row["chars_per_s_cache"]
@@ -361,7 +367,8 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) ->
             f"  generate {preset} {precision}: {cached:.0f} chars/s cached ({row['chars_per_s_exact']:.0f} exact), "
             f"{row['chars_per_s_compiled']:.0f} compiled, {row['chars_per_s_8_streams']:.0f} in 8 streams, "
             f"{row['chars_per_s_no_cache']:.0f} uncached; weight pass {row['weight_pass_ms']:.2f} ms "
-            f"({row['weight_pass_one_stream_ms']:.2f} ms as one stream reads them)",
+            f"({row['weight_pass_one_stream_ms']:.2f} ms as one stream reads them); 8 rows "
+            f"{row['weight_pass_8_rows_ms']:.2f} ms ({row['weight_pass_8_streams_ms']:.2f} ms as 8 streams read them)",
             file=sys.stderr,
             flush=True,
         )
@@ -630,6 +637,8 @@ def main() -> None:
                     "weight_pass_ms": "one pass over the weights, ms",
                     "weight_pass_one_stream_ms": "the same as one stream reads them, ms",
                     "limit_chars_per_s": "limit chars/s (batch 1)",
+                    "weight_pass_8_rows_ms": "a pass with 8 rows, ms",
+                    "weight_pass_8_streams_ms": "the same as 8 streams read them, ms",
                 },
             )
             + "\n"

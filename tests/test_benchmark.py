@@ -55,6 +55,7 @@ def test_benchmark_runs_with_the_tiny_preset(tmp_path):
     for key in ("chars_per_s_cache", "chars_per_s_exact", "chars_per_s_compiled", "chars_per_s_8_streams"):
         assert generation[key] > 0, key
     assert generation["chars_per_s_no_cache"] > 0 and generation["weight_pass_one_stream_ms"] > 0
+    assert generation["weight_pass_8_rows_ms"] > 0 and generation["weight_pass_8_streams_ms"] > 0
     assert report["corpus"]["prepare_s"] > 0
     assert "| tiny |" in result.stdout
 
