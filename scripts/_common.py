@@ -59,7 +59,7 @@ def close_progress_bars() -> None:
 
 def report_errors(fn: Callable) -> Callable:
     """Runs `fn`; a project error (`LMError`) prints as one line on stderr, the last thing the run prints, and
-    exits with status 1.
+    exits with status 1. A closed stdout (the reader of a pipe quit) ends the run quietly with status 141.
 
     Set LM_FULL_ERROR=1 (or HYDRA_FULL_ERROR=1) to see the full traceback instead.
     """
@@ -67,6 +67,11 @@ def report_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:
+            # whoever read stdout stopped (`generate.py ... | head`): stop quietly, as Unix tools do, with their
+            # status (128 + SIGPIPE); stdout goes to /dev/null so that the flush at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except LMError as error:
             if full_errors():
                 raise

@@ -280,6 +280,23 @@ def test_generate_script_streams_text_to_stdout_only(trained_run):
     assert seeded[0] == seeded[1]
 
 
+def test_generate_script_stops_quietly_when_the_reader_of_its_output_quits(trained_run):
+    run, _ = trained_run  # as in `python scripts/generate.py ... | head -c 10`
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    args = [f"ckpt={run}", "max_new_tokens=100000"]
+    with subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "generate.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as process:
+        assert len(process.stdout.read(10)) == 10
+        process.stdout.close()  # the reader quits while the text still streams
+        stderr = process.stderr.read().decode()
+        returncode = process.wait(timeout=120)
+    assert returncode == 141 and "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
