@@ -278,7 +278,7 @@ def decoding_matrices(
     - one row: float16 copies, for PyTorch's float16 one-row kernel (base: 2.2 vs 4.5 ms for a whole step's
       weights on a 2-core EPYC);
     - 2 to DECODE_MAX_ROWS rows, not compiled: the same float16 weights packed for FBGEMM's float16-weight,
-      float32-activation product, which widens them in registers (base, eight rows: 3.3 vs 7.2 ms for the float32
+      float32-activation product, which widens them in registers (base, eight rows: 2.7 vs 6.1 ms for the float32
       row-block products, where PyTorch's own float16 kernel takes ~10 ms). torch.compile does not trace packed
       weights, so a compiled step with several rows keeps the float32 ones.
 
@@ -288,16 +288,16 @@ def decoding_matrices(
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears or any(m.weight.device.type != "cpu" for m in linears):
         return {}
-    packed = 1 < batch_size <= DECODE_MAX_ROWS and not compile
-    if batch_size != 1 and not packed:
+    packed = batch_size > 1
+    if packed and (
+        batch_size > DECODE_MAX_ROWS or compile or "fbgemm" not in torch.backends.quantized.supported_engines
+    ):
         return {}
     weights = [m.weight.detach() for m in linears]
     if any(w.dtype != torch.float32 or w.abs().max() >= torch.finfo(torch.float16).max for w in weights):
         return {}
     if not packed:
         return {m: w.to(torch.float16) for m, w in zip(linears, weights, strict=True)}
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return {}
     try:
         return {m: torch.ops.quantized.linear_prepack_fp16(w, None) for m, w in zip(linears, weights, strict=True)}
     except RuntimeError:  # FBGEMM refuses a CPU without AVX2
