@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py                                  # everything, about 10 minutes on 2 CPU cores
     python scripts/benchmark.py --presets tiny,small --steps 3 --skip corpus   # about a minute
-    python scripts/benchmark.py --only generate --presets small,base
+    python scripts/benchmark.py --only generate --presets mini,small,base
     python scripts/benchmark.py --only quality                   # our default vs nanoGPT's CPU recipe, ~15 minutes
 
 Prints Markdown tables and writes them as JSON (--out). Numbers are comparable within one run on one machine only.
@@ -41,9 +41,11 @@ from lm.module import LanguageModel, cosine_schedule
 from lm.optim import parameter_groups
 from lm.tokenizer import CharTokenizer
 
-# Sizes and batch shapes as the presets in conf/ use them (base: nanoGPT's Shakespeare-char run).
+# Sizes and batch shapes as the presets in conf/ use them (mini: the fp32 default run's, FP32_RECIPE in train.py;
+# base: nanoGPT's Shakespeare-char run).
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, seq_length=64, batch_size=8, dropout=0.0),
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, seq_length=128, batch_size=8, dropout=0.0),
     "small": dict(n_layer=4, n_head=4, n_embd=256, seq_length=128, batch_size=32, dropout=0.0),
     "base": dict(n_layer=6, n_head=6, n_embd=384, seq_length=256, batch_size=64, dropout=0.2),
 }
@@ -508,7 +510,7 @@ def markdown(rows: list[dict], columns: dict[str, str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default="tiny,small,base", help="comma-separated: tiny, small, base")
+    parser.add_argument("--presets", default="tiny,mini,small,base", help="comma-separated: tiny, mini, small, base")
     parser.add_argument(
         "--precisions",
         default="auto",

@@ -124,6 +124,27 @@ def test_cpu_kernels_give_the_model_the_same_logits_and_gradients_as_plain_pytor
         assert torch.allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fp32_attention_takes_the_flash_kernel_without_dropout_and_the_block_kernel_with_it(dropout, monkeypatch):
+    import lm.model
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("rope", dropout=dropout))
+    idx = torch.randint(0, 11, (3, 16))
+    calls = []
+    block_kernel = lm.model.BlockCausalAttention.apply
+    monkeypatch.setattr(lm.model.BlockCausalAttention, "apply", lambda *a: calls.append(1) or block_kernel(*a))
+    (fast_grad,) = torch.autograd.grad(model(idx).square().sum(), model.blocks[0].attn.qkv.weight)
+    assert len(calls) == (2 if dropout else 0)  # one per layer with dropout, none without
+    if dropout == 0:  # RotaryHeads + flash gives what rope() + SDPA gives
+        monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)
+        (plain_grad,) = torch.autograd.grad(model(idx).square().sum(), model.blocks[0].attn.qkv.weight)
+        assert torch.allclose(fast_grad, plain_grad, rtol=1e-4, atol=1e-6)
+    model.eval()  # evaluation has no dropout: the flash kernel
+    model(idx)
+    assert len(calls) == (2 if dropout else 0)
+
+
 def test_rope_preserves_norms_and_scores_depend_only_on_offset():
     torch.manual_seed(0)
     rope = RotaryEmbedding(head_dim=8, base=10000.0, initial_length=4)
