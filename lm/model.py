@@ -163,15 +163,18 @@ class CausalSelfAttention(nn.Module):
         if cache is None and x.device.type == "cpu" and T <= CPU_KERNELS_MAX_LENGTH:
             # the same computation as below, in hand-written forward and backward passes (lm/kernels.py)
             cos, sin = rope.tables(0, T) if rope is not None else (None, None)
-            q, k, v = RotaryHeads.apply(qkv, cos, sin)
             if dropout_p == 0 and bias is None and qkv.dtype == torch.float32:
                 # fp32 without dropout, PyTorch's flash kernel is faster (mini at batch 8, 2-core EPYC: 74 vs 80 ms a
                 # training step); with dropout the block kernel is (above); bf16 was not compared and keeps it
-                q, k, v = (t.view(B, self.n_head, T, self.head_dim) for t in (q, k, v))
+                if rope is None:  # the kernel takes strided views: a head-major copy would cost ~1 ms a mini layer
+                    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+                else:
+                    q, k, v = (t.view(B, self.n_head, T, self.head_dim) for t in RotaryHeads.apply(qkv, cos, sin))
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
+                q, k, v = RotaryHeads.apply(qkv, cos, sin)
                 y = BlockCausalAttention.apply(q, k, v, dropout_p, ATTENTION_BLOCK, bias)
-            y = y.view(B, self.n_head, T, self.head_dim)
+                y = y.view(B, self.n_head, T, self.head_dim)
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         start = cache.length if cache is not None else 0
         qk, v = qkv.split([2, 1], dim=2)  # split, not indexing: its backward is one concatenation

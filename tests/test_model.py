@@ -124,12 +124,13 @@ def test_cpu_kernels_give_the_model_the_same_logits_and_gradients_as_plain_pytor
         assert torch.allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.parametrize("pe", ["rope", "learned"])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_fp32_attention_takes_the_flash_kernel_without_dropout_and_the_block_kernel_with_it(dropout, monkeypatch):
+def test_fp32_attention_takes_the_flash_kernel_without_dropout_and_the_block_kernel_with_it(pe, dropout, monkeypatch):
     import lm.model
 
     torch.manual_seed(0)
-    model = Transformer(tiny_config("rope", dropout=dropout))
+    model = Transformer(tiny_config(pe, dropout=dropout))
     idx = torch.randint(0, 11, (3, 16))
     calls = []
     block_kernel = lm.model.BlockCausalAttention.apply
@@ -139,7 +140,7 @@ def test_fp32_attention_takes_the_flash_kernel_without_dropout_and_the_block_ker
     model.eval()  # evaluation has no dropout: the flash kernel, whatever the model's dropout
     model(idx)
     assert len(calls) == (2 if dropout else 0)
-    if dropout == 0:  # RotaryHeads + flash gives what rope() + SDPA gives
+    if dropout == 0:  # what rope() (if any) + SDPA give
         monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)
         model.train()
         (plain_grad,) = torch.autograd.grad(model(idx).square().sum(), model.blocks[0].attn.qkv.weight)
