@@ -81,6 +81,7 @@ def test_an_eager_step_reads_only_the_filled_part_of_the_cache(pe):
 
 
 FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
+needs_fbgemm = pytest.mark.skipif(not FBGEMM, reason="no FBGEMM in this PyTorch build")
 
 
 @pytest.mark.parametrize(
@@ -88,8 +89,8 @@ FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
     [
         ("rope", 1),
         ("alibi", 1),
-        pytest.param("rope", 8, marks=pytest.mark.skipif(not FBGEMM, reason="no FBGEMM in this PyTorch build")),
-        pytest.param("alibi", 3, marks=pytest.mark.skipif(not FBGEMM, reason="no FBGEMM in this PyTorch build")),
+        pytest.param("rope", 8, marks=needs_fbgemm),
+        pytest.param("alibi", 3, marks=needs_fbgemm),
     ],
 )
 def test_float16_matrices_keep_the_logits_within_their_rounding(pe, batch_size):
