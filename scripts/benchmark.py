@@ -327,7 +327,22 @@ def chars_per_second(model, tokenizer, n_chars: int, repeats: int, **kwargs) -> 
     return n_chars * kwargs.get("num_samples", 1) / float(np.median(times))
 
 
-def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) -> list[dict]:
+def alternated_chars_per_second(model, tokenizer, n_chars: int, repeats: int, variants: dict[str, dict]) -> dict:
+    """Total characters per second of each variant (`generate` keyword arguments), the variants run in turn
+    `repeats` times after a warm-up each, so that a shared machine's slow and fast minutes fall on all of them:
+    {name: [chars/s of each round]}."""
+    for kwargs in variants.values():
+        generate(model, tokenizer, "\n", 20, seed=0, **kwargs)
+    rates = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name, kwargs in variants.items():
+            start = time.perf_counter()
+            generate(model, tokenizer, "\n", n_chars, temperature=1.0, seed=repeat, **kwargs)
+            rates[name].append(n_chars * kwargs.get("num_samples", 1) / (time.perf_counter() - start))
+    return rates
+
+
+def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3, pairs: int = 5) -> list[dict]:
     rows = []
     tokenizer = CharTokenizer("".join(sorted(set(SHAKESPEARE_ALPHABET))))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -336,7 +351,9 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) ->
         model = Transformer(model_config(preset, tokenizer.vocab_size)).to(device).eval()
         if precision == "bf16":
             model = model.to(torch.bfloat16)
-        cached = chars_per_second(model, tokenizer, n_chars, repeats)
+        # one and eight streams alternated: their ratio is the median of `pairs` side-by-side ratios
+        rates = alternated_chars_per_second(model, tokenizer, n_chars, pairs, {"one": {}, "eight": {"num_samples": 8}})
+        cached = float(np.median(rates["one"]))
         start = time.perf_counter()
         generate(model, tokenizer, "\n", 2, compile=True)  # the second character takes the compiled step
         compile_s = time.perf_counter() - start
@@ -354,7 +371,7 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) ->
             "chars_per_s_exact": chars_per_second(model, tokenizer, n_chars, repeats, exact=True),
             "chars_per_s_compiled": chars_per_second(model, tokenizer, n_chars, repeats, compile=True),
             "compile_s": compile_s,
-            "chars_per_s_8_streams": chars_per_second(model, tokenizer, n_chars, repeats, num_samples=8),
+            "chars_per_s_8_streams": float(np.median(rates["eight"])),
             "chars_per_s_no_cache": chars_per_second(model, tokenizer, n_chars, repeats, kv_cache=False),
             "weight_pass_ms": 1000 * weight_pass,
             "weight_pass_one_stream_ms": 1000 * weight_pass_one_stream,
@@ -363,11 +380,14 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3) ->
             "weight_pass_8_streams_ms": 1000 * weight_pass_8_streams,
         }
         row["cache_speedup"] = row["chars_per_s_cache"] / row["chars_per_s_no_cache"]
-        row["streams_speedup"] = row["chars_per_s_8_streams"] / row["chars_per_s_cache"]
+        ratios = [eight / one for one, eight in zip(rates["one"], rates["eight"], strict=True)]
+        row["streams_speedup"] = float(np.median(ratios))
+        row["streams_speedup_range"] = [min(ratios), max(ratios)]
         rows.append(row)
         print(
             f"  generate {preset} {precision}: {cached:.0f} chars/s cached ({row['chars_per_s_exact']:.0f} exact), "
-            f"{row['chars_per_s_compiled']:.0f} compiled, {row['chars_per_s_8_streams']:.0f} in 8 streams, "
+            f"{row['chars_per_s_compiled']:.0f} compiled, {row['chars_per_s_8_streams']:.0f} in 8 streams "
+            f"({row['streams_speedup']:.2f}x one, median of {pairs} pairs), "
             f"{row['chars_per_s_no_cache']:.0f} uncached; weight pass {row['weight_pass_ms']:.2f} ms "
             f"({row['weight_pass_one_stream_ms']:.2f} ms as one stream reads them); 8 rows "
             f"{row['weight_pass_8_rows_ms']:.2f} ms ({row['weight_pass_8_streams_ms']:.2f} ms as 8 streams read them)",
@@ -635,6 +655,7 @@ def main() -> None:
                     "chars_per_s_compiled": "chars/s, compiled step",
                     "compile_s": "compile s",
                     "chars_per_s_8_streams": "chars/s, 8 streams (total)",
+                    "streams_speedup": "8 streams / one",
                     "chars_per_s_no_cache": "chars/s, no cache",
                     "weight_pass_ms": "one pass over the weights, ms",
                     "weight_pass_one_stream_ms": "the same as one stream reads them, ms",

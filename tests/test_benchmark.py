@@ -56,6 +56,8 @@ def test_benchmark_runs_with_the_tiny_preset(tmp_path):
         assert generation[key] > 0, key
     assert generation["chars_per_s_no_cache"] > 0 and generation["weight_pass_one_stream_ms"] > 0
     assert generation["weight_pass_8_rows_ms"] > 0 and generation["weight_pass_8_streams_ms"] > 0
+    low, high = generation["streams_speedup_range"]  # the median of the alternated pairs' ratios lies in their range
+    assert 0 < low <= generation["streams_speedup"] <= high
     assert report["corpus"]["prepare_s"] > 0
     assert "| tiny |" in result.stdout
 
