@@ -63,12 +63,62 @@ def default_prompt(tokenizer: CharTokenizer) -> str:
 def decoding_step(model: Transformer, compile: bool = False) -> Callable:
     """`model.decode_step`, compiled once per model when asked (the compiled function is kept on the model)."""
     if model.rope is not None:  # built outside the compiled region
-        model.rope.decoding_rotations(model.config.seq_length, model.token_embedding.weight.dtype)
+        model.rope.decoding_rotations(2 * model.config.seq_length, model.token_embedding.weight.dtype)
     if not compile:
         return model.decode_step
     if getattr(model, "_compiled_decode_step", None) is None:
         model._compiled_decode_step = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
     return model._compiled_decode_step
+
+
+class NextCharacterLogits:
+    """Logits for the next character of `batch` texts that grow one character at a time: the context handling
+    behind `generate`, without sampling.
+
+    With `kv_cache`, the first call fills the cache from the text so far (up to a full context) and each later
+    call costs one position (`step`: `model.decode_step` or its compiled version). Past the context, a cache that
+    can slide (`Transformer.sliding_cache`, unless `sliding=False`) keeps the most recent `seq_length` positions;
+    otherwise it is rebuilt from the most recent half context, so rebuilds stay rare. Without the cache, each call
+    recomputes the last `seq_length` characters.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        batch: int,
+        kv_cache: bool = True,
+        step: Callable | None = None,
+        matrices: dict | None = None,
+        sliding: bool | None = None,
+    ):
+        self.model, self.batch, self.kv_cache, self.matrices = model, batch, kv_cache, matrices
+        self.step = step or model.decode_step
+        self.sliding = model.sliding_cache if sliding is None else sliding and model.sliding_cache
+        self.cache: KVCache | None = None
+        self.newest: torch.Tensor | None = None  # the newest character of each text, for the step
+
+    def __call__(self, tokens: torch.Tensor, length: int) -> torch.Tensor:
+        """Logits (batch, vocab) for the character after `tokens[:, :length]`; after the first call, each call's
+        text is the previous one's plus one character."""
+        model, context_length, cache = self.model, self.model.config.seq_length, self.cache
+        if not self.kv_cache:
+            return model(tokens[:, max(0, length - context_length) : length])[:, -1]
+        if cache is None or (cache.length >= context_length and not self.sliding):
+            # a full cache that cannot slide is rebuilt from the most recent half context (a longer prompt likewise)
+            keep = context_length // 2
+            if cache is None and (length <= context_length or self.sliding):
+                keep = min(length, context_length)
+            dtype, device = model.token_embedding.weight.dtype, tokens.device
+            self.cache = KVCache(model.config, self.batch, context_length, device, dtype, self.matrices)
+            # the step reads the newest characters from a buffer of its own: a column of `tokens` would have strides
+            # that depend on the text's length, and a compiled step would be recompiled for each length
+            self.newest = torch.empty(self.batch, dtype=torch.long, device=device)
+            return model(tokens[:, length - keep : length], self.cache)[:, -1]
+        if cache.length == 2 * context_length:
+            model.rewind_cache(cache)
+        logits = self.step(self.newest.copy_(tokens[:, length - 1]), cache.positions[cache.length], cache)
+        cache.length += 1
+        return logits
 
 
 @torch.inference_mode()  # lighter than no_grad: ~15% more characters/s for batch-1 decoding on CPU
@@ -90,8 +140,10 @@ def generate(
     """Continues `prompt` `num_samples` times and returns the prompts with their continuations.
 
     With `kv_cache`, each new character costs one position's worth of compute. When the text outgrows the
-    model's context, the cache is rebuilt from the most recent half context, so generation never stops;
-    without the cache, every step recomputes the last `seq_length` characters. `on_token` receives each new
+    model's context, generation goes on: with RoPE or ALiBi the cache slides (each character attends to the last
+    `seq_length`, their keys and values as computed when they were new: `Transformer.sliding_cache`); with the
+    other encodings it is rebuilt from the most recent half context. Without the cache, every step recomputes the
+    last `seq_length` characters. `on_token` receives each new
     batch of ids (shape (num_samples,)) as it is made, for streaming. `compile` runs the one-character step through
     `torch.compile` (its shapes do not depend on the position, so it compiles once per model and batch size). An
     empty prompt starts from a newline, or from the vocabulary's first character when the corpus had no newline.
@@ -103,7 +155,6 @@ def generate(
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     prompt = prompt or default_prompt(tokenizer)
     device = next(model.parameters()).device
-    context_length = model.config.seq_length
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -112,33 +163,17 @@ def generate(
     tokens = torch.empty(num_samples, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=device)
     tokens[:, : len(prompt_ids)] = prompt_ids
     length = len(prompt_ids)
-    next_ids = prompt_ids[-1:].expand(num_samples, 1)
     was_training = model.training
     model.eval()
-    cache = None
     step = decoding_step(model, compile) if kv_cache else None
     matrices = decoding_matrices(model, num_samples, compile) if kv_cache and not exact else None
+    logits_for_next = NextCharacterLogits(model, num_samples, kv_cache, step, matrices)
     # uniforms for inverse-CDF sampling, drawn at once: one operation less per character
     uniforms = torch.rand(max_new_tokens, num_samples, 1, device=device, generator=generator)
 
-    def logits_for_next() -> torch.Tensor:
-        nonlocal cache
-        if not kv_cache:
-            return model(tokens[:, max(0, length - context_length) : length])[:, -1]
-        if cache is None or cache.length >= context_length:
-            # (re)fill the cache: at first from the whole prompt (up to a full context); once full, from the most
-            # recent half context, so refills stay rare
-            keep = length if cache is None and length <= context_length else context_length // 2
-            dtype = model.token_embedding.weight.dtype
-            cache = KVCache(model.config, num_samples, context_length, device, dtype, matrices)
-            return model(tokens[:, length - keep : length], cache)[:, -1]
-        logits = step(next_ids.view(-1), cache.positions[cache.length], cache)  # the ids sampled last
-        cache.length += 1
-        return logits
-
     try:
         for i in range(max_new_tokens):
-            next_ids = sample_next(logits_for_next(), temperature, top_k, top_p, generator, uniforms[i])
+            next_ids = sample_next(logits_for_next(tokens, length), temperature, top_k, top_p, generator, uniforms[i])
             tokens[:, length] = next_ids[:, 0]
             length += 1
             if on_token is not None:

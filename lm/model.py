@@ -125,6 +125,10 @@ class KVCache:
     decoding step writes a position's key and value with one copy. `matrices`, when given, maps a model's
     `nn.Linear` modules to the matrices that one-position steps multiply with instead of their own weights (see
     `decoding_matrices`).
+
+    Decoding steps may go past `max_length` where the model's scores depend only on distances
+    (`Transformer.sliding_cache`): position p then lives in slot p % max_length, overwriting the oldest, and
+    `Transformer.rewind_cache` keeps the positions below 2 x max_length.
     """
 
     def __init__(
@@ -138,8 +142,9 @@ class KVCache:
     ):
         shape = (2, batch_size, config.n_head, max_length, config.head_dim)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.positions = torch.arange(max_length, device=device)  # for the visibility mask of a decoding step
-        self.length = 0  # positions filled so far
+        # 0-d position tensors for decoding steps (also the slot indices of their visibility mask)
+        self.positions = torch.arange(2 * max_length, device=device)
+        self.length = 0  # positions decoded so far (the next position)
         self.max_length = max_length
         self.matrices = matrices or {}
 
@@ -204,15 +209,15 @@ class CausalSelfAttention(nn.Module):
         self,
         h: torch.Tensor,
         residual: torch.Tensor,
-        position: torch.Tensor,
+        slot: torch.Tensor,
         visible: torch.Tensor,
         rotation: torch.Tensor | None,
         cache: KVCache,
     ) -> torch.Tensor:
-        """`residual + self(h)` for one new position per row (h, residual: (B, C)) at `position` (a 0-d tensor),
-        attending to the cache's first L positions with the additive mask `visible`, (1, 1, L) or per head
-        (B * H, 1, L) with ALiBi's bias: 0 (or the bias) or -inf; `rotation` is RoPE's (3, D, D) for this
-        position."""
+        """`residual + self(h)` for one new position per row (h, residual: (B, C)) whose key and value go to the
+        cache's `slot` (a 0-d tensor), attending to the cache's first L slots with the additive mask `visible`,
+        (1, 1, L) or per head (B * H, 1, L) with ALiBi's bias: 0 (or the bias) or -inf; `rotation` is RoPE's
+        (3, D, D) for this position."""
         B, C = h.shape
         qkv = decode_linear(h, self.qkv, cache.matrices.get(self.qkv)).view(B, 3, self.n_head, self.head_dim)
         if rotation is not None:  # q and k rotated, v as it was: one product (rows of all samples, not a broadcast
@@ -220,7 +225,7 @@ class CausalSelfAttention(nn.Module):
             rows = qkv.transpose(0, 1).reshape(3, B * self.n_head, self.head_dim)
             qkv = torch.bmm(rows, rotation).view(3, B, self.n_head, self.head_dim).transpose(0, 1)
         kv = cache.kv[self.layer]
-        kv.index_copy_(3, position.view(1), qkv[:, 1:].transpose(0, 1).unsqueeze(3))  # this key and value
+        kv.index_copy_(3, slot.view(1), qkv[:, 1:].transpose(0, 1).unsqueeze(3))  # this key and value
         # one query per head: three small products beat the fused kernel's fixed cost here (~30 vs ~100 us)
         span = visible.shape[-1]  # the positions attended to: the filled ones, or the whole cache when compiled
         keys, values = (t.view(B * self.n_head, -1, self.head_dim)[:, :span] for t in kv)
@@ -341,9 +346,9 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rope, bias, cache)
         return x + self.mlp(self.ln_2(x))
 
-    def decode_step(self, x: torch.Tensor, position, visible, rotation, cache: KVCache) -> torch.Tensor:
+    def decode_step(self, x: torch.Tensor, slot, visible, rotation, cache: KVCache) -> torch.Tensor:
         """`forward` with a cache for one new position per row, `x` of shape (B, C), in inference (no dropout)."""
-        x = self.attn.decode_step(self.ln_1(x), x, position, visible, rotation, cache)
+        x = self.attn.decode_step(self.ln_1(x), x, slot, visible, rotation, cache)
         fc, proj = self.mlp.fc, self.mlp.proj
         # with float16 copies, GELU in float16: the next product rounds its input to float16 anyway, and PyTorch's
         # float16 GELU on a CPU is ~3x faster than its float32 one for one row (4 vs 15 us at 1,536 values)
@@ -433,10 +438,31 @@ class Transformer(nn.Module):
             cache.length += T
         return self.head(self.ln_f(x))
 
+    @property
+    def sliding_cache(self) -> bool:
+        """Whether decoding can go on past the context in the same KV cache, a ring buffer of the most recent
+        `seq_length` positions. With RoPE or ALiBi a score depends only on the distance between query and key, so
+        a key keeps its meaning when older ones are dropped; absolute positions stop at `seq_length`, and without
+        any encoding the model may count from the start of its context, so those rebuild the cache instead."""
+        return self.rope is not None or self.alibi is not None
+
+    def rewind_cache(self, cache: KVCache) -> None:
+        """Moves every position in a full sliding cache back by `cache.max_length` (RoPE's keys rotated back by that
+        many positions; ALiBi's bias follows distances and needs nothing), so positions stay below 2 x max_length
+        however long the text. Called when `cache.length` reaches 2 x max_length: by then every key was written
+        since the last call, so none is rotated twice."""
+        if self.rope is not None:
+            rotations = self.rope.decoding_rotations(2 * cache.max_length, cache.kv[0].dtype)
+            back = rotations[cache.max_length, 1].T  # a rotation's inverse is its transpose
+            for kv in cache.kv:
+                kv[0].copy_(kv[0] @ back)
+        cache.length -= cache.max_length
+
     def decode_step(self, ids: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, vocab_size) for one new id per row, `ids` of shape (B,), at `position` (a 0-d long tensor, the
         cache's length): `forward(ids[:, None], cache)[:, -1]` in a third of the operations. The caller advances
-        `cache.length`. Inference only.
+        `cache.length`. Inference only. Past `cache.max_length` (with a `sliding_cache` only), the key and value
+        overwrite the oldest position's slot.
 
         Eager, attention reads only the filled part of the cache; compiled (`torch.compile`), the whole cache under a
         mask, so that no shape depends on the position and the step compiles once (`generate(compile=True)`)."""
@@ -448,18 +474,21 @@ class Transformer(nn.Module):
             x = x + self.position.weight.index_select(0, at)
         rotation = None
         if self.rope is not None:
-            rotation = self.rope.decoding_rotations(cache.max_length, x.dtype).index_select(0, at).squeeze(0)
-        # the keys attended to; eager, the filled ones (the cache's length, which is `position`, plus this one):
-        # at batch 8, a quarter of a step's time goes to reading keys and values
-        span = cache.max_length if torch.compiler.is_compiling() else cache.length + 1
-        keys_at = cache.positions[:span]
-        # 0 where a key is visible, -inf past the position: built once per step, added to every layer's scores
+            rotation = self.rope.decoding_rotations(2 * cache.max_length, x.dtype).index_select(0, at).squeeze(0)
+        slot = position % cache.max_length  # past max_length, a sliding cache's oldest slot
+        # the slots attended to; eager, the filled ones (the position's, and those before it or, once the cache has
+        # slid, all): at batch 8, a quarter of a step's time goes to reading keys and values
+        span = cache.max_length if torch.compiler.is_compiling() else min(cache.length + 1, cache.max_length)
+        slots = cache.positions[:span]
+        # 0 where a key is visible, -inf on a slot not yet filled: built once per step, added to every layer's scores
         if self.alibi is not None:  # with ALiBi's bias, per head: (B * H, 1, span), the attention products' layout
-            bias = self.alibi.bias(position.view(1), keys_at, x.dtype)  # (H, 1, span)
+            # each filled slot's position: the most recent one at or before `position` that maps to it
+            keys_at = torch.where(slots > position, slots, position - (position - slots) % cache.max_length)
+            bias = self.alibi.bias(position.view(1), keys_at, x.dtype)  # (H, 1, span), -inf on the unfilled slots
             visible = bias.expand(x.shape[0], *bias.shape).reshape(-1, 1, bias.shape[-1])
         else:
-            visible = torch.zeros_like(keys_at, dtype=x.dtype).masked_fill_(keys_at > position, -math.inf)
+            visible = torch.zeros_like(slots, dtype=x.dtype).masked_fill_(slots > position, -math.inf)
             visible = visible.view(1, 1, -1)
         for block in self.blocks:
-            x = block.decode_step(x, position, visible, rotation, cache)
+            x = block.decode_step(x, slot, visible, rotation, cache)
         return decode_linear(self.ln_f(x), self.head, cache.matrices.get(self.head))

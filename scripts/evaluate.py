@@ -3,6 +3,7 @@
     python scripts/evaluate.py ckpt=outputs/runs/<run>/
     python scripts/evaluate.py ckpt=outputs/runs/<run>/ context_lengths=[64,128,256,512]
     python scripts/evaluate.py ckpt=path/to/best.ckpt data.path=other_text.txt
+    python scripts/evaluate.py ckpt=outputs/runs/<run>/ past_context=1000     # + predictions past the context
 
 Prints a Markdown table and writes it, with a JSON copy, next to the checkpoint.
 """
@@ -20,8 +21,10 @@ from omegaconf import DictConfig
 from lm.checkpoint import CHECKPOINT_KEY, load_model, read_checkpoint
 from lm.data import encode_corpus
 from lm.errors import ConfigError, DataError
-from lm.evaluate import evaluate, results_table, write_report
+from lm.evaluate import evaluate, past_context_losses, past_context_table, results_table, write_report
 from lm.hardware import bf16_supported
+
+PAST_CONTEXT_STREAMS = 8  # stretches of the split read side by side for past_context
 
 
 @report_errors
@@ -58,6 +61,9 @@ def run(cfg: DictConfig) -> list[dict]:
     if precision not in ("auto", "bf16", "32"):
         raise ConfigError(f"precision={precision} must be auto, bf16 or 32.")
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
+    past_context = cfg.past_context
+    if past_context is not None and (not isinstance(past_context, int) or past_context <= 0):
+        raise ConfigError(f"past_context={past_context} must be a positive number of characters, e.g. 1000, or null.")
     dtype = torch.bfloat16 if use_bf16 else None
 
     print(
@@ -69,6 +75,13 @@ def run(cfg: DictConfig) -> list[dict]:
     table = results_table(results, model.config.seq_length)
     print(table)
 
+    if past_context:  # generation's ways of going on past the context, in float32
+        losses = past_context_losses(model, ids, past_context, PAST_CONTEXT_STREAMS)
+        past_table = f"{PAST_CONTEXT_STREAMS} x {past_context} predictions past a first full context (fp32):\n\n"
+        past_table += past_context_table(losses)
+        print(f"\n{past_table}")
+        table += f"\n\n{past_table}"
+
     stem = Path(cfg.output) if cfg.output else ckpt_path.with_suffix("")
     report = {
         "checkpoint": str(ckpt_path),
@@ -77,6 +90,8 @@ def run(cfg: DictConfig) -> list[dict]:
         "model": model.config.to_dict(),
         "results": [r.to_dict() for r in results],
     }
+    if past_context:
+        report["past_context"] = {"streams": PAST_CONTEXT_STREAMS, "characters": past_context, "losses": losses}
     write_report(stem, report, table, f"Evaluation of `{ckpt_path}` on the {split}")
     print(f"[evaluate] wrote {stem}.eval.md and {stem}.eval.json", file=sys.stderr)
     return report["results"]

@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from lm import generate, load_model
 from lm.errors import CheckpointError, ConfigError, DataError
+from lm.evaluate import past_context_losses
 from lm.model import (
     POSITIONAL_ENCODINGS,
     KVCache,
@@ -133,9 +136,13 @@ def test_float16_matrices_only_where_they_pay():
 
 def test_compiled_decoding_gives_the_same_greedy_text():
     model, tok = random_model("rope"), CharTokenizer(VOCAB)
-    kwargs = dict(prompt="To be", max_new_tokens=40, temperature=0)  # past the context: the cache is rebuilt
+    # past twice the context (24): the cache slides and is rewound once
+    kwargs = dict(prompt="To be", max_new_tokens=50, temperature=0)
     for exact in (True, False):  # compiled with the model's weights, and with float16 copies
         assert generate(model, tok, compile=True, exact=exact, **kwargs) == generate(model, tok, exact=exact, **kwargs)
+    graphs = counters["stats"]["unique_graphs"]
+    generate(model, tok, compile=True, prompt="To", max_new_tokens=7)  # another length: compiled once is enough
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
@@ -144,6 +151,41 @@ def test_greedy_text_is_identical_with_and_without_cache(pe):
     for prompt in ("To be", "To be, or not to be:"):  # shorter and longer than half the context
         kwargs = dict(prompt=prompt, max_new_tokens=24 - len(prompt), temperature=0)  # fills the context exactly
         assert generate(model, tok, exact=True, **kwargs) == generate(model, tok, kv_cache=False, **kwargs)
+
+
+@pytest.mark.parametrize("pe", ["rope", "alibi"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_sliding_cache_equals_the_sliding_window_for_one_layer(pe, batch):
+    # with one layer, a key and value depend only on their character and position, so a cache that slides past the
+    # context (ring slots, RoPE's positions rewound) must give exactly the logits of the last seq_length characters
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        vocab_size=len(VOCAB), seq_length=8, n_layer=1, n_head=2, n_embd=16, pos_encoding={"name": pe}
+    )
+    model = Transformer(config).eval()
+    assert model.sliding_cache
+    idx = torch.randint(0, len(VOCAB), (batch, 45))  # past two rewinds (at 16 and, rewound to 8, again at 16)
+    with torch.inference_mode():
+        cache = KVCache(config, batch, 8, "cpu", torch.float32)
+        model(idx[:, :5], cache)
+        for t in range(5, 45):
+            if cache.length == 16:
+                model.rewind_cache(cache)
+            logits = model.decode_step(idx[:, t], cache.positions[cache.length], cache)
+            cache.length += 1
+            window = model(idx[:, max(0, t - 7) : t + 1])[:, -1]
+            assert torch.allclose(logits, window, atol=1e-5), f"position {t}"
+
+
+@pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
+def test_only_caches_that_cannot_slide_are_rebuilt(pe):
+    model, tok = random_model(pe, seq_length=16), CharTokenizer(VOCAB)
+    forwards = []
+    model.forward = lambda *args, **kwargs: forwards.append(1) or Transformer.forward(model, *args, **kwargs)
+    generate(model, tok, "a", max_new_tokens=60, temperature=1.0, seed=0)
+    # sliding: one forward, the prompt's; rebuilt: also whenever the cache is full (16 positions), from the last 8
+    # characters plus the new one: at the 17th call, then every 9th (26, 35, 44, 53)
+    assert len(forwards) == (1 if pe in ("rope", "alibi") else 1 + 5)
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
@@ -327,7 +369,11 @@ def test_evaluate_matches_training_and_reports_lengths(trained_run):
         float(row.split(",")[header.index("val/loss")]) for row in logged if row.split(",")[header.index("val/loss")]
     ]
     result = run_script(
-        "evaluate.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "precision=32", "context_lengths=[16,32,64]"
+        "evaluate.py",
+        f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+        "precision=32",
+        "context_lengths=[16,32,64]",
+        "past_context=40",
     )
     report = json.loads((run / "checkpoints" / "last.eval.json").read_text())
     rows = {r["context_length"]: r for r in report["results"]}
@@ -335,5 +381,31 @@ def test_evaluate_matches_training_and_reports_lengths(trained_run):
     assert rows[32]["tokens"] == int(len(corpus.read_text()) * 0.1) - 1
     assert rows[64]["loss"] is None and "learned positions stop at 32" in rows[64]["note"]
     assert "| 64 |" in result.stdout and (run / "checkpoints" / "last.eval.md").exists()
+    # past the context, learned positions: recomputing the window and rebuilding the cache, no sliding cache
+    losses = report["past_context"]["losses"]
+    assert set(losses) == {"window", "rebuilt cache"} and all(0 < v < 10 for v in losses.values())
+    assert "| rebuilt cache:" in result.stdout and "sliding" not in result.stdout
     other = run_script("evaluate.py", f"ckpt={run}", f"data.path={corpus}", "precision=32")
     assert "all of" in other.stderr
+
+
+def test_evaluate_past_the_context_bad_input(trained_run, tmp_path):
+    run, _ = trained_run
+    for value, message in (("0", "past_context=0 must be a positive"), ("100000", "past_context=100000 needs")):
+        bad = run_script("evaluate.py", f"ckpt={run}", f"past_context={value}", f"output={tmp_path / 'b'}", check=False)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "b.eval.json").exists()
+
+
+@pytest.mark.parametrize("pe", ["rope", "alibi"])
+def test_past_context_losses_read_the_text_as_generation_does(pe):
+    # one layer: the sliding cache gives exactly the window's logits, the rebuilt cache (less context) others
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        vocab_size=len(VOCAB), seq_length=8, n_layer=1, n_head=2, n_embd=16, pos_encoding={"name": pe}
+    )
+    model = Transformer(config)
+    ids = np.random.default_rng(0).integers(0, len(VOCAB), 200)
+    losses = past_context_losses(model, ids, characters=30, streams=3)
+    assert losses["sliding cache"] == pytest.approx(losses["window"], abs=1e-5)
+    assert abs(losses["rebuilt cache"] - losses["window"]) > 1e-4
