@@ -227,7 +227,7 @@ class CausalSelfAttention(nn.Module):
         kv = cache.kv[self.layer]
         kv.index_copy_(3, slot.view(1), qkv[:, 1:].transpose(0, 1).unsqueeze(3))  # this key and value
         # one query per head: three small products beat the fused kernel's fixed cost here (~30 vs ~100 us)
-        span = visible.shape[-1]  # the positions attended to: the filled ones, or the whole cache when compiled
+        span = visible.shape[-1]  # the slots attended to: the filled ones, or the whole cache when compiled
         keys, values = (t.view(B * self.n_head, -1, self.head_dim)[:, :span] for t in kv)
         q = qkv[:, 0].reshape(B * self.n_head, 1, self.head_dim)
         scores = torch.baddbmm(visible, q, keys.transpose(1, 2), alpha=self.head_dim**-0.5)

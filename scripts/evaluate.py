@@ -71,12 +71,13 @@ def run(cfg: DictConfig) -> list[dict]:
         file=sys.stderr,
         flush=True,
     )
+    # generation's ways of going on past the context, in float32; first, so a split too short fails at once
+    losses = past_context_losses(model, ids, past_context, PAST_CONTEXT_STREAMS) if past_context else None
     results = [evaluate(model, ids, n, cfg.data.batch_size, dtype) for n in lengths]
     table = results_table(results, model.config.seq_length)
     print(table)
 
-    if past_context:  # generation's ways of going on past the context, in float32
-        losses = past_context_losses(model, ids, past_context, PAST_CONTEXT_STREAMS)
+    if past_context:
         past_table = f"{PAST_CONTEXT_STREAMS} x {past_context} predictions past a first full context (fp32):\n\n"
         past_table += past_context_table(losses)
         print(f"\n{past_table}")
