@@ -316,21 +316,10 @@ def weight_pass_seconds(model: Transformer, matrices: dict | None = None, rows: 
         return median_step_time(lambda i: one_pass(), 5, repeats)
 
 
-def chars_per_second(model, tokenizer, n_chars: int, repeats: int, **kwargs) -> float:
-    """Total characters per second (all samples), the median of `repeats` runs after a warm-up."""
-    generate(model, tokenizer, "\n", 20, seed=0, **kwargs)  # warm-up (and, with compile=True, the compilation)
-    times = []
-    for repeat in range(repeats):  # the median of a few runs: a shared machine's noise is large
-        start = time.perf_counter()
-        generate(model, tokenizer, "\n", n_chars, temperature=1.0, seed=repeat, **kwargs)
-        times.append(time.perf_counter() - start)
-    return n_chars * kwargs.get("num_samples", 1) / float(np.median(times))
-
-
 def alternated_chars_per_second(model, tokenizer, n_chars: int, repeats: int, variants: dict[str, dict]) -> dict:
     """Total characters per second of each variant (`generate` keyword arguments), the variants run in turn
-    `repeats` times after a warm-up each, so that a shared machine's slow and fast minutes fall on all of them:
-    {name: [chars/s of each round]}."""
+    `repeats` times after a warm-up each (with compile=True, also the compilation), so that a shared machine's slow
+    and fast minutes fall on all of them: {name: [chars/s of each round]}."""
     for kwargs in variants.values():
         generate(model, tokenizer, "\n", 20, seed=0, **kwargs)
     rates = {name: [] for name in variants}
@@ -340,6 +329,11 @@ def alternated_chars_per_second(model, tokenizer, n_chars: int, repeats: int, va
             generate(model, tokenizer, "\n", n_chars, temperature=1.0, seed=repeat, **kwargs)
             rates[name].append(n_chars * kwargs.get("num_samples", 1) / (time.perf_counter() - start))
     return rates
+
+
+def chars_per_second(model, tokenizer, n_chars: int, repeats: int, **kwargs) -> float:
+    """Total characters per second (all samples), the median of `repeats` runs after a warm-up."""
+    return float(np.median(alternated_chars_per_second(model, tokenizer, n_chars, repeats, {"": kwargs})[""]))
 
 
 def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3, pairs: int = 5) -> list[dict]:
