@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT))
 
 # Under pytest-xdist (the README's `python -m pytest` runs two workers: pyproject's addopts), each worker and the
 # scripts it starts get an equal share of the cores. torch's default, every core in every process, oversubscribes
-# them, and OpenMP threads spinning for a core slow every test down (a dropout test took 50 s instead of 8).
+# them, and OpenMP threads spinning for a core slow every test down (a dropout test: 50 s, with its share < 13 s).
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     threads = max(1, (os.cpu_count() or 1) // workers)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by scripts/train.py and friends run as subprocesses
