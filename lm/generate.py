@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from lm.errors import ConfigError
-from lm.model import KVCache, Transformer, decoding_matrices
+from lm.model import KVCache, Transformer, decoding_matrices, decoding_positions
 from lm.tokenizer import CharTokenizer
 
 
@@ -63,7 +63,7 @@ def default_prompt(tokenizer: CharTokenizer) -> str:
 def decoding_step(model: Transformer, compile: bool = False) -> Callable:
     """`model.decode_step`, compiled once per model when asked (the compiled function is kept on the model)."""
     if model.rope is not None:  # built outside the compiled region
-        model.rope.decoding_rotations(2 * model.config.seq_length, model.token_embedding.weight.dtype)
+        model.rope.decoding_rotations(decoding_positions(model.config.seq_length), model.token_embedding.weight.dtype)
     if not compile:
         return model.decode_step
     if getattr(model, "_compiled_decode_step", None) is None:
@@ -114,7 +114,7 @@ class NextCharacterLogits:
             # that depend on the text's length, and a compiled step would be recompiled for each length
             self.newest = torch.empty(self.batch, dtype=torch.long, device=device)
             return model(tokens[:, length - keep : length], self.cache)[:, -1]
-        if cache.length == 2 * context_length:
+        if cache.length == decoding_positions(context_length):
             model.rewind_cache(cache)
         logits = self.step(self.newest.copy_(tokens[:, length - 1]), cache.positions[cache.length], cache)
         cache.length += 1

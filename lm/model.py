@@ -118,6 +118,12 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+def decoding_positions(max_length: int) -> int:
+    """How many positions decoding steps with a cache of `max_length` slots can be at: a sliding cache's positions
+    are kept below twice its slots (`Transformer.rewind_cache`), and RoPE's decoding table covers them."""
+    return 2 * max_length
+
+
 class KVCache:
     """Keys and values of every layer for the positions decoded so far, preallocated up to `max_length`.
 
@@ -143,7 +149,7 @@ class KVCache:
         shape = (2, batch_size, config.n_head, max_length, config.head_dim)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         # 0-d position tensors for decoding steps (also the slot indices of their visibility mask)
-        self.positions = torch.arange(2 * max_length, device=device)
+        self.positions = torch.arange(decoding_positions(max_length), device=device)
         self.length = 0  # positions decoded so far (the next position)
         self.max_length = max_length
         self.matrices = matrices or {}
@@ -452,7 +458,7 @@ class Transformer(nn.Module):
         however long the text. Called when `cache.length` reaches 2 x max_length: by then every key was written
         since the last call, so none is rotated twice."""
         if self.rope is not None:
-            rotations = self.rope.decoding_rotations(2 * cache.max_length, cache.kv[0].dtype)
+            rotations = self.rope.decoding_rotations(decoding_positions(cache.max_length), cache.kv[0].dtype)
             back = rotations[cache.max_length, 1].T  # a rotation's inverse is its transpose
             for kv in cache.kv:
                 kv[0].copy_(kv[0] @ back)
@@ -474,7 +480,8 @@ class Transformer(nn.Module):
             x = x + self.position.weight.index_select(0, at)
         rotation = None
         if self.rope is not None:
-            rotation = self.rope.decoding_rotations(2 * cache.max_length, x.dtype).index_select(0, at).squeeze(0)
+            table = self.rope.decoding_rotations(decoding_positions(cache.max_length), x.dtype)
+            rotation = table.index_select(0, at).squeeze(0)
         slot = position % cache.max_length  # past max_length, a sliding cache's oldest slot
         # the slots attended to; eager, the filled ones (the position's, and those before it or, once the cache has
         # slid, all): at batch 8, a quarter of a step's time goes to reading keys and values
