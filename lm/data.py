@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from lm.errors import ConfigError, DataError
+from lm.errors import ConfigError, DataError, is_count
 from lm.tokenizer import CharTokenizer, text_to_codepoints
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -352,7 +352,7 @@ class CharDataModule(L.LightningDataModule):
         if not 0 < val_fraction < 1:
             raise ConfigError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1.")
         for name, value in (("seq_length", seq_length), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value <= 0:
+            if not is_count(value):
                 raise ConfigError(f"data.{name}={value} must be a positive integer.")
         self.path, self.data_dir, self.val_fraction = path, Path(data_dir), val_fraction
         self.seq_length, self.batch_size, self.seed = seq_length, batch_size, seed

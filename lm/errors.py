@@ -22,3 +22,9 @@ class CheckpointError(LMError):
 
 class TrainingDivergedError(LMError):
     """The training loss became NaN or infinite."""
+
+
+def is_count(value, minimum: int = 1) -> bool:
+    """Whether `value` is an integer of at least `minimum`. YAML's true and false load as Python bools, which are
+    ints: without the bool check, `past_context=true` would mean one character."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

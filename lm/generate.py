@@ -6,14 +6,14 @@ from collections.abc import Callable
 
 import torch
 
-from lm.errors import ConfigError
+from lm.errors import ConfigError, is_count
 from lm.model import KVCache, Transformer, decoding_matrices, decoding_positions
 from lm.tokenizer import CharTokenizer
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Rejects sampling settings that make no sense, with one sentence each."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not is_count(max_new_tokens, minimum=0):
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be a non-negative integer.")
     if temperature < 0:
         raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy decoding).")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.errors import ConfigError
+from lm.errors import ConfigError, is_count
 from lm.kernels import ATTENTION_BLOCK, BlockCausalAttention, RotaryHeads, byte_dropout
 from lm.positional import (
     POSITIONAL_ENCODINGS,
@@ -59,7 +59,7 @@ class TransformerConfig:
             self.pos_encoding = PositionalEncodingConfig(**self.pos_encoding)
         for name in ("vocab_size", "seq_length", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not is_count(value):
                 raise ConfigError(f"model.{name}={value} must be a positive integer.")
         if self.n_embd % self.n_head:
             raise ConfigError(

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from lm.checkpoint import CHECKPOINT_KEY, load_model, read_checkpoint
 from lm.data import encode_corpus
-from lm.errors import ConfigError, DataError
+from lm.errors import ConfigError, DataError, is_count
 from lm.evaluate import evaluate, past_context_losses, past_context_table, results_table, write_report
 from lm.hardware import bf16_supported
 
@@ -55,14 +55,14 @@ def run(cfg: DictConfig) -> list[dict]:
         split = f"validation split of {corpus_path} (last {val_fraction:.0%})"
 
     lengths = list(cfg.context_lengths or [model.config.seq_length])
-    if any(not isinstance(n, int) or n <= 0 for n in lengths):
+    if not all(is_count(n) for n in lengths):
         raise ConfigError(f"context_lengths={lengths} must be positive integers, e.g. [64,128,256,512].")
     precision = str(cfg.precision)
     if precision not in ("auto", "bf16", "32"):
         raise ConfigError(f"precision={precision} must be auto, bf16 or 32.")
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
     past_context = cfg.past_context
-    if past_context is not None and (not isinstance(past_context, int) or past_context <= 0):
+    if past_context is not None and not is_count(past_context):
         raise ConfigError(f"past_context={past_context} must be a positive number of characters, e.g. 1000, or null.")
     dtype = torch.bfloat16 if use_bf16 else None
 

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from lm.data import write_atomically
-from lm.errors import ConfigError
+from lm.errors import ConfigError, is_count
 from lm.evaluate import evaluate, results_table, write_report
 from lm.hardware import emulated_bf16_warning, resolve_precision, retain_freed_memory, training_device_type
 from lm.model import TransformerConfig
@@ -205,7 +205,7 @@ def threads_per_job(cfg: DictConfig) -> int | None:
     (hydra/launcher=joblib), the cores divided among the jobs, so n_jobs x threads never exceeds them, and under
     submitit the CPUs each job asked for (cpus_per_task); None: torch's own default (all cores)."""
     if cfg.threads != "auto":
-        if not isinstance(cfg.threads, int) or cfg.threads <= 0:
+        if not is_count(cfg.threads):
             raise ConfigError(f"threads={cfg.threads} must be a positive integer or auto.")
         return cfg.threads
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -250,7 +250,7 @@ def evaluate_final_model(cfg: DictConfig, module: LanguageModel, datamodule, pre
     multiples = list(cfg.final_eval.context_multiples or [])
     if not multiples:
         return []
-    if any(not isinstance(m, int) or m <= 0 for m in multiples):
+    if not all(is_count(m) for m in multiples):
         raise ConfigError(f"final_eval.context_multiples={multiples} must be positive integers, e.g. [1,2,4].")
     seq_length = module.config.seq_length
     dtype = torch.bfloat16 if "bf16" in precision else None

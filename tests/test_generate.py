@@ -28,6 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = "".join(sorted(set("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")))
 
 
+def one_layer_model(pe: str) -> Transformer:
+    """One layer, context 8: a key and value depend only on their character and position, so a cache that slides
+    past the context must give exactly the logits of a sliding window."""
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        vocab_size=len(VOCAB), seq_length=8, n_layer=1, n_head=2, n_embd=16, pos_encoding={"name": pe}
+    )
+    return Transformer(config).eval()
+
+
 def random_model(pe: str, seq_length: int = 24) -> Transformer:
     torch.manual_seed(0)
     config = TransformerConfig(
@@ -158,11 +168,8 @@ def test_greedy_text_is_identical_with_and_without_cache(pe):
 def test_a_sliding_cache_equals_the_sliding_window_for_one_layer(pe, batch):
     # with one layer, a key and value depend only on their character and position, so a cache that slides past the
     # context (ring slots, RoPE's positions rewound) must give exactly the logits of the last seq_length characters
-    torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=len(VOCAB), seq_length=8, n_layer=1, n_head=2, n_embd=16, pos_encoding={"name": pe}
-    )
-    model = Transformer(config).eval()
+    model = one_layer_model(pe)
+    config = model.config
     assert model.sliding_cache
     idx = torch.randint(0, len(VOCAB), (batch, 45))  # past two rewinds (at 16 and, rewound to 8, again at 16)
     with torch.inference_mode():
@@ -216,7 +223,15 @@ def test_prompt_errors_and_empty_prompt():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"max_new_tokens": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -0.1}, {"top_k": 0}]
+    "kwargs",
+    [
+        {"max_new_tokens": -1},
+        {"max_new_tokens": True},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"temperature": -0.1},
+        {"top_k": 0},
+    ],
 )
 def test_bad_sampling_arguments_are_rejected(kwargs):
     model, tok = random_model("rope"), CharTokenizer(VOCAB)
@@ -391,7 +406,11 @@ def test_evaluate_matches_training_and_reports_lengths(trained_run):
 
 def test_evaluate_past_the_context_bad_input(trained_run, tmp_path):
     run, _ = trained_run
-    for value, message in (("0", "past_context=0 must be a positive"), ("100000", "past_context=100000 needs")):
+    for value, message in (
+        ("0", "past_context=0 must be a positive"),
+        ("true", "past_context=True must be a positive"),  # YAML's true loads as a bool, which Python counts as 1
+        ("100000", "past_context=100000 needs"),
+    ):
         bad = run_script("evaluate.py", f"ckpt={run}", f"past_context={value}", f"output={tmp_path / 'b'}", check=False)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "b.eval.json").exists()
@@ -400,11 +419,7 @@ def test_evaluate_past_the_context_bad_input(trained_run, tmp_path):
 @pytest.mark.parametrize("pe", ["rope", "alibi"])
 def test_past_context_losses_read_the_text_as_generation_does(pe):
     # one layer: the sliding cache gives exactly the window's logits, the rebuilt cache (less context) others
-    torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=len(VOCAB), seq_length=8, n_layer=1, n_head=2, n_embd=16, pos_encoding={"name": pe}
-    )
-    model = Transformer(config)
+    model = one_layer_model(pe)
     ids = np.random.default_rng(0).integers(0, len(VOCAB), 200)
     losses = past_context_losses(model, ids, characters=30, streams=3)
     assert losses["sliding cache"] == pytest.approx(losses["window"], abs=1e-5)

@@ -207,6 +207,7 @@ def test_gpt2_init_scales_residual_projections():
         ({"n_layer": 0}, "n_layer"),
         ({"n_head": -1}, "n_head"),
         ({"seq_length": 0}, "seq_length"),
+        ({"n_layer": True}, "n_layer=True must be a positive integer"),  # YAML's true is a bool, not 1 layer
         ({"init": "kaiming"}, "init"),
         ({"pos_encoding": {"name": "t5"}}, "pos_encoding"),
     ],
