@@ -149,8 +149,17 @@ class LanguageModel(L.LightningModule):
             self.best_val_loss = min(self.best_val_loss, float(loss))
             self.log("val/best_loss", self.best_val_loss)
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over the model's parameter groups. Settings it refuses (a negative lr, a beta outside
+        [0, 1)) are a `ConfigError`: train.py builds one before the run starts, so such a run fails at once."""
+        try:
+            return self.optimizer_factory(parameter_groups(self.model))
+        except (ValueError, TypeError) as error:
+            message = f"The optimizer refused its settings ({error}); correct the optimizer.* value."
+            raise ConfigError(message) from error
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(parameter_groups(self.model))
+        optimizer = self.build_optimizer()
         if self.clock == "time":
             multiplier = self.time_schedule(self.training_timer())
         else:

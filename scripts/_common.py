@@ -20,6 +20,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     dict.fromkeys(_paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 )
 
+from hydra.errors import InstantiationException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from lm.errors import LMError  # noqa: E402
@@ -57,6 +58,14 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def project_error(error: BaseException) -> LMError | None:
+    """The project error behind `error`: itself, or what a config's target raised inside `hydra.utils.instantiate`
+    (which re-raises it wrapped in an InstantiationException, with Hydra's own lines around it); else None."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error if isinstance(error, LMError) else None
+
+
 def report_errors(fn: Callable) -> Callable:
     """Runs `fn`; a project error (`LMError`) prints as one line on stderr, the last thing the run prints, and
     exits with status 1. A closed stdout (the reader of a pipe quit) ends the run quietly with status 141.
@@ -72,13 +81,14 @@ def report_errors(fn: Callable) -> Callable:
             # status (128 + SIGPIPE); stdout goes to /dev/null so that the flush at exit does not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
-        except LMError as error:
-            if full_errors():
+        except Exception as error:
+            user_error = project_error(error)
+            if user_error is None or full_errors():
                 raise
             close_progress_bars()
             sys.stdout.flush()
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            sys.exit(getattr(error, "exit_code", 1))
+            print(f"error: {user_error}", file=sys.stderr, flush=True)
+            sys.exit(getattr(user_error, "exit_code", 1))
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper

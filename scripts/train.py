@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from _common import CONFIG_DIR, full_errors, report_errors
+from _common import CONFIG_DIR, full_errors, project_error, report_errors
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -135,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     limits, clock = run_length(cfg)
     schedule = {**OmegaConf.to_container(cfg.lr_schedule), "clock": clock}
     module = LanguageModel(config, tokenizer.vocab, optimizer=instantiate(cfg.optimizer), **schedule)
+    module.build_optimizer()  # settings the optimizer refuses fail here, before loggers write anything
     if compile_model:
         module.model.compile()  # in place: checkpoints keep the plain parameter names
 
@@ -271,6 +272,7 @@ def sweep_job(cfg: DictConfig) -> dict[str, float]:
     except Exception as error:
         if full_errors():
             traceback.print_exc()
+        error = project_error(error) or error  # a config's own sentence, not Hydra's wrapping of it
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message} (in {cfg.paths.run_dir}; the sweep goes on)", file=sys.stderr, flush=True)
         summary = {"status": "failed", "error": message}

@@ -170,11 +170,13 @@ def test_gradient_norm_is_logged(tmp_path, corpus):
     [
         (["model=huge"], "model"),
         (["trainer.no_such_flag=1"], "no_such_flag"),
-        (["data.val_fraction=1.5"], "val_fraction"),
-        (["data.seq_length=0"], "seq_length"),
+        (["data.val_fraction=1.5"], "error: data.val_fraction=1.5 must be between 0 and 1"),
+        (["data.seq_length=0"], "error: data.seq_length=0 must be a positive integer."),
+        (["data.batch_size=true"], "error: data.batch_size=True must be a positive integer."),
         (["model.n_embd=30", "model.n_head=4"], "divisible"),
         (["model.n_embd=6", "model.n_head=2"], "even head size"),
         (["data.batch_size=-2"], "batch_size"),
+        (["optimizer.lr=-1"], "error: The optimizer refused its settings (Invalid learning rate: -1)"),
         (["resume=/nonexistent/run"], "last.ckpt"),
     ],
 )
@@ -183,6 +185,9 @@ def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, corpus, args, 
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    if message.startswith("error:"):  # ours, also where Hydra's instantiate raised it: the last line, alone
+        assert result.stderr.strip().splitlines()[-1].startswith(message)
+        assert "Error in call to target" not in result.stderr
 
 
 def test_bad_resume_path_creates_nothing(tmp_path, corpus):
