@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from lm.errors import ConfigError
+
 
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX-512 BF16 or AMX), where bf16 matmuls beat fp32."""
@@ -31,8 +33,14 @@ def resolve_precision(requested: str | None, device_type: str) -> tuple[str, str
     """The Lightning precision to use, and a line saying why.
 
     `None` or 'auto' picks bf16 mixed precision (weights, loss and optimizer state stay fp32) where the
-    hardware has native bf16, else full fp32. An explicit value is used as given.
+    hardware has native bf16, else full fp32. An explicit value is used as given, except float16 mixed precision
+    on a CPU: Lightning would quietly run bf16-mixed instead, emulated (~100x slower) on most CPUs.
     """
+    if str(requested) in ("16", "16-mixed") and device_type == "cpu":
+        raise ConfigError(
+            f"trainer.precision={requested} (float16 mixed precision) needs a GPU; on a CPU use auto, 32-true, or "
+            "bf16-mixed where the CPU has native bf16 (AVX-512 BF16 or AMX)."
+        )
     if requested not in (None, "auto"):
         return str(requested), f"precision {requested} (as requested)"
     if bf16_supported(device_type):

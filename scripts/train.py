@@ -20,9 +20,11 @@ import lightning as L
 import torch
 from _common import CONFIG_DIR, full_errors, project_error, report_errors
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lm.data import write_atomically
@@ -108,9 +110,9 @@ def recipe_for_this_machine(argv: list[str]) -> list[str]:
     if given.keys() & {"model", "experiment", "debug", "hparams_search"}:
         return argv
     device_type = training_device_type(given.get("trainer.accelerator", "auto"))
-    precision, _ = resolve_precision(given.get("trainer.precision", "auto"), device_type)
-    if "16" in precision:  # bf16 or fp16: the fast kind
-        return argv
+    requested = given.get("trainer.precision", "auto")
+    if "16" in requested or "16" in resolve_precision(requested, device_type)[0]:  # bf16 or fp16: the fast kind
+        return argv  # (float16 on a CPU is refused later, as train() starts, with one error line)
     taken = set(given) | ({"optimizer.lr"} if "optimizer" in given else set())
     recipe = [f"{key}={v}" for key, v in FP32_RECIPE.items() if key not in taken]
     # before the first override of your own: Hydra's parser wants all overrides together (e.g. before a --cfg job)
@@ -118,8 +120,20 @@ def recipe_for_this_machine(argv: list[str]) -> list[str]:
     return [*argv[:at], *recipe, *argv[at:]]
 
 
+def check_run_settings(cfg: DictConfig) -> None:
+    """Settings that Lightning or PyTorch would otherwise reject mid-run with a traceback, or not at all."""
+    if not is_count(cfg.seed, minimum=0) or cfg.seed >= 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be an integer from 0 to 4294967295.")
+    interval = cfg.trainer.val_check_interval
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0):
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} must be a positive number of steps (or a fraction of an epoch)."
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one training job; returns the final metrics (val/loss, val/bpc, ...)."""
+    check_run_settings(cfg)
     ckpt_path = resume_checkpoint(cfg)  # fail fast on a bad resume= or ckpt_path=
     if cfg.malloc_reuse:
         retain_freed_memory()
@@ -147,9 +161,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # the same bar for every install: Lightning takes Rich's whenever `rich` can be imported (optuna pulls it
         # in), and that one draws nothing until training ends when its output is a log file
         callbacks.append(TQDMProgressBar())
-    trainer: L.Trainer = instantiate(
-        trainer_cfg, **limits, precision=precision, logger=loggers or False, callbacks=callbacks
-    )
+    try:
+        trainer: L.Trainer = instantiate(
+            trainer_cfg, **limits, precision=precision, logger=loggers or False, callbacks=callbacks
+        )
+    except InstantiationException as error:
+        if isinstance(error.__cause__, MisconfigurationException):  # Lightning's word for a bad trainer.* value
+            raise ConfigError(f"trainer: {error.__cause__}") from error
+        raise
 
     if trainer.is_global_zero:
         if warning := emulated_bf16_warning(precision, training_device_type(trainer_cfg.accelerator)):

@@ -177,6 +177,9 @@ def test_gradient_norm_is_logged(tmp_path, corpus):
         (["model.n_embd=6", "model.n_head=2"], "even head size"),
         (["data.batch_size=-2"], "batch_size"),
         (["optimizer.lr=-1"], "error: The optimizer refused its settings (Invalid learning rate: -1)"),
+        (["seed=abc"], "error: seed=abc must be an integer"),
+        (["trainer.val_check_interval=0"], "error: trainer.val_check_interval=0 must be a positive number"),
+        (["trainer.max_time=soon"], "error: trainer: `Timer(duration='soon')` is not a valid duration"),
         (["resume=/nonexistent/run"], "last.ckpt"),
     ],
 )

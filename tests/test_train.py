@@ -281,6 +281,35 @@ def test_the_default_run_is_sized_for_the_machine(monkeypatch, native_bf16):
     assert {"optimizer=muon", f"optimizer.lr={train.FP32_RECIPE['optimizer.lr']}"} <= set(tweaked[1:-2])
 
 
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"warmup_steps": -5}, "lr_schedule.warmup_steps=-5"),
+        ({"warmup_steps": True}, "lr_schedule.warmup_steps=True"),
+        ({"min_lr_ratio": 1.5}, "lr_schedule.min_lr_ratio=1.5"),
+        ({"total_steps": 0}, "lr_schedule.total_steps=0"),
+        ({"optimizer": lambda groups: torch.optim.AdamW(groups, lr=-1.0)}, "optimizer refused its settings"),
+    ],
+)
+def test_bad_schedule_and_optimizer_settings_are_config_errors(settings, message):
+    from lm.errors import ConfigError
+
+    config = TransformerConfig(vocab_size=10, seq_length=8, n_layer=1, n_head=2, n_embd=8)
+    settings = {"optimizer": torch.optim.AdamW, **settings}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        LanguageModel(config, "".join(map(str, range(10))), **settings).build_optimizer()
+
+
+def test_float16_mixed_precision_on_a_cpu_is_refused_not_turned_into_bf16():
+    from lm import hardware
+    from lm.errors import ConfigError
+
+    for requested in ("16-mixed", 16):
+        with pytest.raises(ConfigError, match="needs a GPU"):
+            hardware.resolve_precision(requested, "cpu")
+    assert hardware.resolve_precision("16-mixed", "cuda")[0] == "16-mixed"
+
+
 def test_bf16_on_a_cpu_that_only_emulates_it_gets_a_warning(monkeypatch):
     from lm import hardware
 
