@@ -11,16 +11,24 @@ from lm.model import KVCache, Transformer, decoding_matrices, decoding_positions
 from lm.tokenizer import CharTokenizer
 
 
-def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling_args(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None
+) -> None:
     """Rejects sampling settings that make no sense, with one sentence each."""
+
+    def is_number(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
     if not is_count(max_new_tokens, minimum=0):
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be a non-negative integer.")
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy decoding).")
-    if top_k is not None and top_k <= 0:
+    if not is_number(temperature) or temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be a number >= 0 (0 means greedy decoding).")
+    if top_k is not None and not is_count(top_k):
         raise ConfigError(f"top_k={top_k} must be a positive integer, or null to disable it.")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise ConfigError(f"top_p={top_p} must be in (0, 1], or null to disable it.")
+    if seed is not None and (not is_count(seed, minimum=0) or seed >= 2**63):
+        raise ConfigError(f"seed={seed} must be a non-negative integer, or null for a random one.")
 
 
 def sample_next(
@@ -152,7 +160,7 @@ def generate(
     the characters/s of `exact=True` on a 2-core EPYC, logits within ~1e-3 of their size); `exact=True` keeps every
     product in the model's precision.
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
     prompt = prompt or default_prompt(tokenizer)
     device = next(model.parameters()).device
     generator = None

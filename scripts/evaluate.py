@@ -27,8 +27,33 @@ from lm.hardware import bf16_supported
 PAST_CONTEXT_STREAMS = 8  # stretches of the split read side by side for past_context
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """The settings that need no checkpoint, checked before one is loaded, so that a bad one fails at once."""
+    if str(cfg.precision) not in ("auto", "bf16", "32"):
+        raise ConfigError(f"precision={cfg.precision} must be auto, bf16 or 32.")
+    if cfg.past_context is not None and not is_count(cfg.past_context):
+        raise ConfigError(
+            f"past_context={cfg.past_context} must be a positive number of characters, e.g. 1000, or null."
+        )
+    if not is_count(cfg.data.batch_size):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a positive integer.")
+    fraction = cfg.data.val_fraction
+    if fraction is not None and (
+        isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1
+    ):
+        raise ConfigError(f"data.val_fraction={fraction} must be between 0 and 1 (exclusive), or null as in training.")
+    if cfg.output:
+        try:
+            Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(
+                f"output={cfg.output}: its folder cannot be made ({error.strerror}); pass output= a path you can write."
+            ) from error
+
+
 @report_errors
 def run(cfg: DictConfig) -> list[dict]:
+    check_settings(cfg)
     device = resolve_device(cfg.device)
     checkpoint, ckpt_path = read_checkpoint(cfg.ckpt)
     data_info = checkpoint[CHECKPOINT_KEY].get("data", {})
@@ -54,16 +79,12 @@ def run(cfg: DictConfig) -> list[dict]:
         ids = corpus.ids[len(corpus.ids) - int(len(corpus.ids) * val_fraction) :]
         split = f"validation split of {corpus_path} (last {val_fraction:.0%})"
 
-    lengths = list(cfg.context_lengths or [model.config.seq_length])
+    lengths = cfg.context_lengths or [model.config.seq_length]
+    lengths = [lengths] if isinstance(lengths, int | str) else list(lengths)  # context_lengths=512 means [512]
     if not all(is_count(n) for n in lengths):
         raise ConfigError(f"context_lengths={lengths} must be positive integers, e.g. [64,128,256,512].")
-    precision = str(cfg.precision)
-    if precision not in ("auto", "bf16", "32"):
-        raise ConfigError(f"precision={precision} must be auto, bf16 or 32.")
+    precision, past_context = str(cfg.precision), cfg.past_context
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
-    past_context = cfg.past_context
-    if past_context is not None and not is_count(past_context):
-        raise ConfigError(f"past_context={past_context} must be a positive number of characters, e.g. 1000, or null.")
     dtype = torch.bfloat16 if use_bf16 else None
 
     print(

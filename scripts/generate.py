@@ -39,7 +39,7 @@ def quote_prompt_argument(argv: list[str]) -> list[str]:
 
 @report_errors
 def run(cfg: DictConfig) -> None:
-    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     if cfg.num_samples < 1:
         raise ConfigError(f"num_samples={cfg.num_samples} must be at least 1.")
     device = resolve_device(cfg.device)

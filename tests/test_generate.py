@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,8 +230,13 @@ def test_prompt_errors_and_empty_prompt():
         {"max_new_tokens": True},
         {"top_p": 0.0},
         {"top_p": 1.5},
+        {"top_p": "high"},
         {"temperature": -0.1},
+        {"temperature": "abc"},  # what Hydra passes for temperature=abc
         {"top_k": 0},
+        {"top_k": 2.5},
+        {"seed": -1},
+        {"seed": "abc"},
     ],
 )
 def test_bad_sampling_arguments_are_rejected(kwargs):
@@ -400,8 +406,32 @@ def test_evaluate_matches_training_and_reports_lengths(trained_run):
     losses = report["past_context"]["losses"]
     assert set(losses) == {"window", "rebuilt cache"} and all(0 < v < 10 for v in losses.values())
     assert "| rebuilt cache:" in result.stdout and "sliding" not in result.stdout
-    other = run_script("evaluate.py", f"ckpt={run}", f"data.path={corpus}", "precision=32")
-    assert "all of" in other.stderr
+    other = run_script("evaluate.py", f"ckpt={run}", f"data.path={corpus}", "precision=32", "context_lengths=16")
+    assert "all of" in other.stderr and "| 16 |" in other.stdout  # one length without brackets is a list of one
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5 must be between 0 and 1"),
+        ("precision=16", "precision=16 must be auto, bf16 or 32"),
+        ("past_context=true", "past_context=True must be a positive"),
+        ("output=/proc/no/such/x", "output=/proc/no/such/x: its folder cannot be made"),
+    ],
+)
+def test_evaluate_settings_are_checked_before_a_checkpoint_is_loaded(override, message, monkeypatch):
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the script imports its neighbour _common
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "evaluate.yaml"), OmegaConf.from_dotlist([override]))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        script.check_settings(cfg)
 
 
 def test_evaluate_past_the_context_bad_input(trained_run, tmp_path):
