@@ -28,3 +28,8 @@ def is_count(value, minimum: int = 1) -> bool:
     """Whether `value` is an integer of at least `minimum`. YAML's true and false load as Python bools, which are
     ints: without the bool check, `past_context=true` would mean one character."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_number(value) -> bool:
+    """Whether `value` is an int or a float, and not a bool (see `is_count`) or a string."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -6,19 +6,20 @@ from collections.abc import Callable
 
 import torch
 
-from lm.errors import ConfigError, is_count
+from lm.errors import ConfigError, is_count, is_number
 from lm.model import KVCache, Transformer, decoding_matrices, decoding_positions
 from lm.tokenizer import CharTokenizer
 
 
 def check_sampling_args(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None = None,
+    num_samples: int = 1,
 ) -> None:
     """Rejects sampling settings that make no sense, with one sentence each."""
-
-    def is_number(value) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-
     if not is_count(max_new_tokens, minimum=0):
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be a non-negative integer.")
     if not is_number(temperature) or temperature < 0:
@@ -29,6 +30,8 @@ def check_sampling_args(
         raise ConfigError(f"top_p={top_p} must be in (0, 1], or null to disable it.")
     if seed is not None and (not is_count(seed, minimum=0) or seed >= 2**63):
         raise ConfigError(f"seed={seed} must be a non-negative integer, or null for a random one.")
+    if not is_count(num_samples):
+        raise ConfigError(f"num_samples={num_samples} must be at least 1.")
 
 
 def sample_next(
@@ -160,7 +163,7 @@ def generate(
     the characters/s of `exact=True` on a 2-core EPYC, logits within ~1e-3 of their size); `exact=True` keeps every
     product in the model's precision.
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, num_samples)
     prompt = prompt or default_prompt(tokenizer)
     device = next(model.parameters()).device
     generator = None

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 
 from lm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from lm.data import IGNORE_INDEX
-from lm.errors import ConfigError, TrainingDivergedError, is_count
+from lm.errors import ConfigError, TrainingDivergedError, is_count, is_number
 from lm.evaluate import summed_loss
 from lm.model import Transformer, TransformerConfig
 from lm.optim import parameter_groups
@@ -76,7 +76,7 @@ class LanguageModel(L.LightningModule):
             raise ConfigError(f"lr_schedule.clock={clock!r} is not one of {', '.join(SCHEDULE_CLOCKS)}.")
         if not is_count(warmup_steps, minimum=0):
             raise ConfigError(f"lr_schedule.warmup_steps={warmup_steps} must be a whole number of steps, 0 or more.")
-        if isinstance(min_lr_ratio, bool) or not 0 <= min_lr_ratio <= 1:
+        if not is_number(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
             raise ConfigError(f"lr_schedule.min_lr_ratio={min_lr_ratio} must be between 0 and 1 (a share of the lr).")
         if total_steps is not None and not is_count(total_steps):
             raise ConfigError(f"lr_schedule.total_steps={total_steps} must be a positive number of steps, or null.")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from lm.checkpoint import CHECKPOINT_KEY, load_model, read_checkpoint
 from lm.data import encode_corpus
-from lm.errors import ConfigError, DataError, is_count
+from lm.errors import ConfigError, DataError, is_count, is_number
 from lm.evaluate import evaluate, past_context_losses, past_context_table, results_table, write_report
 from lm.hardware import bf16_supported
 
@@ -38,9 +38,7 @@ def check_settings(cfg: DictConfig) -> None:
     if not is_count(cfg.data.batch_size):
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a positive integer.")
     fraction = cfg.data.val_fraction
-    if fraction is not None and (
-        isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1
-    ):
+    if fraction is not None and (not is_number(fraction) or not 0 < fraction < 1):
         raise ConfigError(f"data.val_fraction={fraction} must be between 0 and 1 (exclusive), or null as in training.")
     if cfg.output:
         try:

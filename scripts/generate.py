@@ -18,7 +18,6 @@ from _common import CONFIG_DIR, report_errors, resolve_device
 from omegaconf import DictConfig
 
 from lm.checkpoint import load_model
-from lm.errors import ConfigError
 from lm.generate import check_sampling_args, default_prompt, generate
 
 
@@ -39,9 +38,7 @@ def quote_prompt_argument(argv: list[str]) -> list[str]:
 
 @report_errors
 def run(cfg: DictConfig) -> None:
-    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-    if cfg.num_samples < 1:
-        raise ConfigError(f"num_samples={cfg.num_samples} must be at least 1.")
+    check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed, cfg.num_samples)
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.ckpt, device=device)
     print(

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lm.data import write_atomically
-from lm.errors import ConfigError, is_count
+from lm.errors import ConfigError, is_count, is_number
 from lm.evaluate import evaluate, results_table, write_report
 from lm.hardware import emulated_bf16_warning, resolve_precision, retain_freed_memory, training_device_type
 from lm.model import TransformerConfig
@@ -125,7 +125,7 @@ def check_run_settings(cfg: DictConfig) -> None:
     if not is_count(cfg.seed, minimum=0) or cfg.seed >= 2**32:
         raise ConfigError(f"seed={cfg.seed} must be an integer from 0 to 4294967295.")
     interval = cfg.trainer.val_check_interval
-    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0):
+    if interval is not None and (not is_number(interval) or interval <= 0):
         raise ConfigError(
             f"trainer.val_check_interval={interval} must be a positive number of steps (or a fraction of an epoch)."
         )

@@ -237,6 +237,7 @@ def test_prompt_errors_and_empty_prompt():
         {"top_k": 2.5},
         {"seed": -1},
         {"seed": "abc"},
+        {"num_samples": 0},
     ],
 )
 def test_bad_sampling_arguments_are_rejected(kwargs):
