@@ -1,5 +1,5 @@
-"""Training callbacks (a final validation pass, throughput/MFU logging, a text sample at the end, a checkpoint on
-SIGINT/SIGTERM) and the atomic checkpoint writer."""
+"""Training callbacks (a final validation pass, the latest checkpoint, throughput/MFU logging, a text sample at the
+end, a checkpoint on SIGINT/SIGTERM) and the atomic checkpoint writer."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import Throughput
-from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.callbacks import Checkpoint, ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from lm.data import write_atomically
@@ -52,6 +52,33 @@ class ValidateAtEnd(L.Callback):
         )
         if last_epoch and batch_idx + 1 >= trainer.num_training_batches:
             trainer.should_stop = True
+
+
+class LatestCheckpoint(Checkpoint):
+    """Keeps `<dirpath>/last.ckpt` at the latest step: written after every validation and when training ends.
+
+    `resume=` continues from this file, so it must never lag behind. Lightning's `ModelCheckpoint(save_last=True)`
+    no longer does this (since 2.6 it writes last.ckpt only together with a new top-k checkpoint, so with
+    `save_top_k=1` it stays at the best step once val/loss stops improving). Being a `Checkpoint`, this runs after
+    the ModelCheckpoint listed before it, so the best score saved with the step is already up to date.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "last"):
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self._saved_step: int | None = None
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Writes the checkpoint now (on every rank's call; only rank 0 writes), unless this step is saved already."""
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or trainer.global_step == self._saved_step:
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.save(trainer)  # a run without validation batches still ends with its last step saved
 
 
 class LMThroughputMonitor(ThroughputMonitor):
@@ -251,13 +278,9 @@ class SaveOnInterrupt(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.received is None:
             return
-        callback = trainer.checkpoint_callback
-        folder = (
-            Path(callback.dirpath)
-            if callback is not None and callback.dirpath
-            else (Path(trainer.default_root_dir) / "checkpoints")
-        )
-        path = folder / "last.ckpt"
+        latest = next((c for c in trainer.callbacks if isinstance(c, LatestCheckpoint)), None)
+        path = latest.path if latest else Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        folder = path.parent
         trainer.save_checkpoint(path)  # atomic, and only rank 0 writes
         name = signal.Signals(self.received).name
         raise InterruptedTraining(

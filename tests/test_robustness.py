@@ -63,6 +63,20 @@ def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus, optimizer):
     assert csv_column(a, "train/loss")[-10:] == pytest.approx(csv_column(c, "train/loss")[-10:], abs=1e-6)
 
 
+def test_last_checkpoint_is_the_latest_step_even_when_val_loss_stops_improving(tmp_path, corpus):
+    # lr=0: the model never changes, so no validation after the first improves on it (Lightning >= 2.6 then writes
+    # its save_last copy only with a new best); resume= must still continue from the last step, not the best one
+    run_train(
+        [f"data.path={corpus}", *FAST, "optimizer.lr=0", "trainer.max_steps=6", "trainer.val_check_interval=2"],
+        tmp_path,
+    )
+    run = only_run(tmp_path / "outputs")
+    assert csv_column(run, "val/loss") == [csv_column(run, "val/loss")[0]] * 3
+    assert last_checkpoint(run)["global_step"] == 6
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["global_step"] == 2, "best.ckpt stays the first of equal losses"
+
+
 def interrupt_after_steps(overrides: list[str], outputs: Path, log: Path, steps: int, signum: int) -> int:
     """Starts `scripts/train.py` with `overrides`, sends `signum` once `steps` training steps are logged, and returns
     the exit status (the run's output goes to `log`)."""
