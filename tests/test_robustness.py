@@ -57,6 +57,9 @@ def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus, optimizer):
         assert csv_column(a, "train/loss") == csv_column(only_run(again / "outputs"), "train/loss"), "same seed"
     ckpt_a, ckpt_c = last_checkpoint(a), last_checkpoint(c)
     assert ckpt_a["global_step"] == ckpt_c["global_step"] == 20
+    # last.ckpt is written after ModelCheckpoint has seen the same validation (the only one here): its best score
+    best_score = next(v for k, v in ckpt_a["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_score"]
+    assert best_score is not None and float(best_score) == pytest.approx(csv_column(a, "val/loss")[-1], abs=1e-6)
     for key, value in ckpt_a["state_dict"].items():
         assert torch.allclose(value, ckpt_c["state_dict"][key], atol=1e-6), key
     assert csv_column(a, "val/loss")[-1] == pytest.approx(csv_column(c, "val/loss")[-1], abs=1e-6)
@@ -66,15 +69,17 @@ def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus, optimizer):
 def test_last_checkpoint_is_the_latest_step_even_when_val_loss_stops_improving(tmp_path, corpus):
     # lr=0: the model never changes, so no validation after the first improves on it (Lightning >= 2.6 then writes
     # its save_last copy only with a new best); resume= must still continue from the last step, not the best one
-    run_train(
-        [f"data.path={corpus}", *FAST, "optimizer.lr=0", "trainer.max_steps=6", "trainer.val_check_interval=2"],
-        tmp_path,
-    )
+    common = [f"data.path={corpus}", *FAST, "optimizer.lr=0", "trainer.val_check_interval=2"]
+    run_train([*common, "trainer.max_steps=6"], tmp_path)
     run = only_run(tmp_path / "outputs")
     assert csv_column(run, "val/loss") == [csv_column(run, "val/loss")[0]] * 3
     assert last_checkpoint(run)["global_step"] == 6
-    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
-    assert best["global_step"] == 2, "best.ckpt stays the first of equal losses"
+    best = run / "checkpoints" / "best.ckpt"
+    assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == 2, "the first of equal losses"
+    # resumed, the best score comes back with last.ckpt: equal losses still leave best.ckpt alone
+    run_train([*common, "trainer.max_steps=10", f"resume={run}"], tmp_path)
+    assert last_checkpoint(run)["global_step"] == 10
+    assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == 2
 
 
 def interrupt_after_steps(overrides: list[str], outputs: Path, log: Path, steps: int, signum: int) -> int:
