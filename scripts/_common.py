@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,15 @@ from hydra.errors import InstantiationException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from lm.errors import LMError  # noqa: E402
+
+# Library notices a user of this project cannot act on, printed at every run: Lightning's caution that an
+# IterableDataset with __len__ may miscount under worker processes (ours load batches in the main process), its
+# deprecation warning about its own use of torch's pytree, and its advertisement for a cloud logger.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip")
+)
 
 MAX_NAME = 120  # file systems cap a path component at 255 bytes
 

@@ -28,8 +28,8 @@ TINY = [
 ]
 
 
-def run_train(args, tmp_path, check=True):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_train(args, tmp_path, check=True, python_warnings: str | None = "ignore"):
+    env = {**os.environ, **({"PYTHONWARNINGS": python_warnings} if python_warnings else {})}
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
     cmd = [
@@ -109,8 +109,12 @@ def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
 
 def test_training_by_epochs(tmp_path, corpus):
     result = run_train(
-        [f"data.path={corpus}", *TINY, "logger=csv", "trainer.max_steps=-1", "trainer.max_epochs=2"], tmp_path
+        [f"data.path={corpus}", *TINY, "logger=csv", "trainer.max_steps=-1", "trainer.max_epochs=2"],
+        tmp_path,
+        python_warnings=None,  # as a user runs it: Lightning's notices that do not concern our runs stay quiet
     )
+    output = result.stdout + result.stderr
+    assert not [notice for notice in ("IterableDataset", "LeafSpec", "Tip:") if notice in output]
     run = next((tmp_path / "outputs" / "runs").iterdir())
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     steps_per_epoch = (len(corpus.read_text()) - int(len(corpus.read_text()) * 0.1)) // (8 * 32)
