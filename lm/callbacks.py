@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import Throughput
-from lightning.pytorch.callbacks import Checkpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import Checkpoint, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -79,6 +79,27 @@ class LatestCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         self.save(trainer)  # a run without validation batches still ends with its last step saved
+
+
+class ResumableProgressBar(TQDMProgressBar):
+    """tqdm's bar, which also knows its epoch, total and rate when a run resumes in the middle of an epoch.
+
+    Lightning does not call `on_train_epoch_start` for an epoch it resumes, so the bar would read "Training: n/?"
+    with no total and no time left, and count the batches before the checkpoint as if done in the first second.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # batches of this epoch done before
+        if not done:
+            return  # a fresh epoch: on_train_epoch_start sets the bar up
+        self.on_train_epoch_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        # Lightning's total counts from here (the epoch's batches, or fewer steps left); the bar counts from the
+        # epoch's start
+        bar.total = min(trainer.num_training_batches, done + bar.total)
+        bar.initial = bar.n = done  # the rate and time left count only the batches run in this process
+        bar.refresh()
 
 
 class LMThroughputMonitor(ThroughputMonitor):

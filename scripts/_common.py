@@ -28,9 +28,12 @@ from omegaconf import OmegaConf  # noqa: E402
 from lm.errors import LMError  # noqa: E402
 
 # Library notices a user of this project cannot act on, printed at every run: Lightning's caution that an
-# IterableDataset with __len__ may miscount under worker processes (ours load batches in the main process), its
-# deprecation warning about its own use of torch's pytree, and its advertisement for a cloud logger.
+# IterableDataset with __len__ may miscount under worker processes (ours load batches in the main process), that a
+# run resumed mid-epoch may not see the data it would have (ours draws batch i as a function of the step: exact
+# resume is tested), its deprecation warning about its own use of torch's pytree, and its advertisement for a cloud
+# logger.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip")

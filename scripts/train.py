@@ -23,10 +23,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from lm.callbacks import ResumableProgressBar
 from lm.data import write_atomically
 from lm.errors import ConfigError, is_count, is_number
 from lm.evaluate import evaluate, results_table, write_report
@@ -160,7 +161,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer_cfg.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # the same bar for every install: Lightning takes Rich's whenever `rich` can be imported (optuna pulls it
         # in), and that one draws nothing until training ends when its output is a log file
-        callbacks.append(TQDMProgressBar())
+        callbacks.append(ResumableProgressBar())
     try:
         trainer: L.Trainer = instantiate(
             trainer_cfg, **limits, precision=precision, logger=loggers or False, callbacks=callbacks
