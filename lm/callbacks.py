@@ -97,7 +97,8 @@ class ResumableProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         # Lightning's total counts from here (the epoch's batches, or fewer steps left); the bar counts from the
         # epoch's start
-        bar.total = min(trainer.num_training_batches, done + bar.total)
+        if bar.total is not None:  # None: an epoch of unknown length
+            bar.total = min(trainer.num_training_batches, done + bar.total)
         bar.initial = bar.n = done  # the rate and time left count only the batches run in this process
         bar.refresh()
 
