@@ -83,6 +83,9 @@ class LanguageModel(L.LightningModule):
         self.config = config
         self.tokenizer = CharTokenizer(vocab)
         self.model = Transformer(config)
+        # The model's buffers are position tables derived from its config, which grow on the one rank that samples
+        # text past the context: DDP must not broadcast them (sizes would differ across ranks). DDP skips these names.
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         self.optimizer_factory = optimizer
         self.warmup_steps, self.min_lr_ratio, self.total_steps = warmup_steps, min_lr_ratio, total_steps
         self.clock = clock

@@ -31,8 +31,10 @@ from lm.errors import LMError  # noqa: E402
 # IterableDataset with __len__ may miscount under worker processes (ours load batches in the main process), that a
 # run resumed mid-epoch may not see the data it would have (ours draws batch i as a function of the step: exact
 # resume is tested), its deprecation warning about its own use of torch's pytree, and its advertisement for a cloud
-# logger.
+# logger; and under DDP its advice to log val/* with sync_dist=True (they come from a metric already reduced across
+# processes: reducing again would cost collectives for the same value).
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
@@ -101,7 +103,8 @@ def report_errors(fn: Callable) -> Callable:
                 raise
             close_progress_bars()
             sys.stdout.flush()
-            print(f"error: {user_error}", file=sys.stderr, flush=True)
+            if not getattr(user_error, "quiet", False):  # (said once, by rank 0, when all processes stop alike)
+                print(f"error: {user_error}", file=sys.stderr, flush=True)
             sys.exit(getattr(user_error, "exit_code", 1))
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__

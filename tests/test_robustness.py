@@ -1,5 +1,6 @@
 """Runs that survive: exact resume, signals, divergence, bad input, reproducibility, two-process DDP."""
 
+import contextlib
 import os
 import re
 import signal
@@ -125,6 +126,86 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, corpus, signum
     assert last_checkpoint(run)["global_step"] == step + 5
 
 
+def live_processes(group: int) -> list[str]:
+    """The processes of a process group still running (zombies, which have exited, left out)."""
+    ps = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(group)], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if line.split()[1:2] != ["Z"]]
+
+
+@pytest.mark.parametrize(
+    ("signum", "to"), [(signal.SIGINT, "group"), (signal.SIGTERM, "each"), (signal.SIGINT, "rank 1")]
+)
+def test_a_signal_stops_every_ddp_process_at_one_step_and_leaves_none_behind(tmp_path, corpus, signum, to):
+    # "group": a terminal's Ctrl-C; "each": SLURM or torchrun signalling every task; "rank 1": one process only
+    outputs, log = tmp_path / "outputs", tmp_path / "output.txt"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        f"paths.output_dir={outputs}",
+        f"data.path={corpus}",
+        *FAST,
+        "trainer=ddp",
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=5",
+        "trainer.log_every_n_steps=1",
+        "+logger.csv.flush_logs_every_n_steps=1",
+    ]
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and process.poll() is None:
+                logs = list(outputs.glob("runs/*/csv/metrics.csv"))
+                if logs and len(logs[0].read_text().splitlines()) > 12:
+                    break
+                time.sleep(0.05)
+            ranks = [int(line.split()[0]) for line in live_processes(process.pid)]
+            assert len(ranks) == 2, log.read_text()[-2000:]
+            if to == "group":
+                os.killpg(process.pid, signum)
+            else:
+                for pid in ranks if to == "each" else [r for r in ranks if r != process.pid]:
+                    os.kill(pid, signum)
+            sent = time.monotonic()
+            code = process.wait(timeout=60)
+            stopped_in = time.monotonic() - sent
+            deadline = time.monotonic() + 10
+            while live_processes(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not live_processes(process.pid), "a rank outlived the run"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    message = log.read_text()
+    assert code == 128 + signum, message[-3000:]
+    assert stopped_in < 20
+    assert message.count(f"{signal.Signals(signum).name} received") == 1 and "Traceback" not in message
+    run = only_run(outputs)
+    step = int(re.search(r"at step (\d+)", message).group(1))
+    assert last_checkpoint(run)["global_step"] == step
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_second_signal_ends_the_process_at_once_even_inside_a_blocking_call(tmp_path):
+    # The first signal asks for a stop at the end of the step; a process blocked in C code (a collective waiting on
+    # a dead peer, here a lock never released) never gets there, and the second must end it.
+    script = """
+import os, signal, threading, time
+from lm.callbacks import SaveOnInterrupt
+SaveOnInterrupt().on_train_start(None, None)
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+lock = threading.Lock()
+lock.acquire()
+lock.acquire()  # blocks for ever: Python's handler runs but returns, the wait goes on
+"""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 130, result.stderr
+    assert "SIGINT received again" in result.stderr
+    assert time.monotonic() - started < 30
+
+
 def test_a_resumed_time_budget_run_spends_only_what_is_left_and_its_schedule_goes_on(tmp_path, corpus):
     budget = 8.0
     overrides = [
@@ -239,11 +320,31 @@ def test_full_traceback_on_request(tmp_path):
     assert env_result.returncode != 0 and "Traceback" in env_result.stderr and "DataError" in env_result.stderr
 
 
-def test_ddp_two_cpu_processes_reduce_validation_exactly(tmp_path, corpus):
-    result = run_train([f"data.path={corpus}", *FAST, "trainer=ddp", "trainer.max_steps=6"], tmp_path)
+@pytest.mark.parametrize("clock", ["steps", "time"])
+def test_ddp_two_cpu_processes_last_through_many_validations_and_reduce_them_exactly(tmp_path, corpus, clock):
+    # Samples of 100 characters from a 32-character context grow the position tables on rank 0 only: DDP once
+    # broadcast them as buffers every step, and the sizes differed (a gloo abort after a few validations).
+    length = ["trainer.max_steps=30"] if clock == "steps" else ["trainer.max_time=00:00:00:12"]
+    result = run_train(
+        [
+            f"data.path={corpus}",
+            *FAST,
+            "trainer=ddp",
+            *length,
+            "trainer.val_check_interval=5",
+            "callbacks.text_sample.max_new_tokens=100",
+        ],
+        tmp_path,
+        python_warnings=None,
+    )
     run = only_run(tmp_path / "outputs")
-    logged = csv_column(run, "val/loss")[-1]
+    assert len(csv_column(run, "val/loss")) >= 5
+    assert "sync_dist" not in result.stderr  # the metric is reduced across processes already
+    assert result.stderr.count("----- sample after") == 1  # rank 0 alone samples and prints
     assert len(list((run / "checkpoints").glob("*.ckpt"))) == 2  # best and last, written once by rank 0
+    if clock == "time":
+        return  # the reduction is the same on either clock: checked once
+    logged = csv_column(run, "val/loss")[-1]
     evaluation = subprocess.run(
         [
             sys.executable,
