@@ -4,6 +4,7 @@ end, a checkpoint on SIGINT/SIGTERM) and the atomic checkpoint writer."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -32,7 +33,61 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        write_atomically(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        path = Path(path)
+
+        def save(tmp: Path) -> None:
+            # through a Python file, so that a failed write keeps its OSError (torch's own file writer reports
+            # a full disk as "RuntimeError: unexpected pos")
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
+
+        try:
+            write_atomically(path, save)
+        except (OSError, RuntimeError) as error:  # a full disk, a quota, a folder gone: the run cannot keep its state
+            cause = error if isinstance(error, OSError) else error.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise CheckpointWriteError(path, checkpoint, cause) from error
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of all tensors in a (nested) checkpoint: about the size its file needs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def size(n_bytes: float) -> str:
+    """A size for people: 512 KiB, 3.9 MiB, 1.2 GiB."""
+    for unit in ("KiB", "MiB"):
+        n_bytes /= 1024
+        if n_bytes < 1024:
+            return f"{n_bytes:.0f} {unit}" if unit == "KiB" else f"{n_bytes:.1f} {unit}"
+    return f"{n_bytes / 1024:.1f} GiB"
+
+
+class CheckpointWriteError(LMError):
+    """A checkpoint could not be written (full disk, or any other OSError); the file at that path, if any, and the
+    other checkpoints in its folder are untouched, and no partial file is left."""
+
+    def __init__(self, path: Path, checkpoint: dict, error: OSError):
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        intact = sorted(
+            (p for p in path.parent.glob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True
+        )
+        if intact:
+            last, then = f"the last intact checkpoint is {intact[0]}", f"continue with resume={path.parent.parent}"
+        else:
+            last, then = "no checkpoint of this run was written", "run it again"
+        super().__init__(
+            f"Could not write {path} ({error.strerror or error}): it needs about {size(tensor_bytes(checkpoint))} "
+            f"and {size(free)} are free there; {last}. Free "
+            f"some space (or set paths.output_dir to a larger disk), then {then}."
+        )
 
 
 class ValidateAtEnd(L.Callback):

@@ -34,6 +34,10 @@ def find_checkpoint(path: str | Path) -> Path:
 def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
     """The checkpoint's contents, loaded with `weights_only=True` (a file that would run code is refused)."""
     path = find_checkpoint(path)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has lost its directory
+        raise CheckpointError(
+            f"{path} is truncated or not a PyTorch checkpoint (not a whole zip archive); use an intact .ckpt file."
+        )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -41,9 +45,10 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
             f"{path} contains objects other than tensors and plain data, so it was not loaded (loading it could run "
             f"code); use a checkpoint written by this project. ({str(error).splitlines()[0]})"
         ) from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except Exception as error:  # EOFError, zipfile's, a KeyError from the legacy format's reader on any other file
         raise CheckpointError(
-            f"{path} is truncated or not a PyTorch checkpoint ({error}); use an intact .ckpt file."
+            f"{path} is truncated or not a PyTorch checkpoint ({type(error).__name__}: {error}); "
+            "use an intact .ckpt file."
         ) from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint of transformer-lm (it has no model config or vocabulary).")
@@ -72,3 +77,71 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not match its own model config ({error}).") from None
     return model.to(device).eval(), CharTokenizer(meta["vocab"])
+
+
+def _model_settings(config: dict) -> dict[str, object]:
+    """A model config as the overrides that set it (model.n_layer=6, pos_encoding=rope, ...). Dropout and the
+    initialisation are left out: they shape neither the weights nor what they mean, so a resumed run may change them."""
+    settings = {}
+    for key, value in config.items():
+        if key in ("dropout", "init", "vocab_size"):
+            continue
+        if key == "pos_encoding":
+            settings["pos_encoding"] = value["name"]
+            if value["name"] == "rope":
+                settings["model.pos_encoding.base"] = value["base"]
+        elif key == "seq_length":
+            settings["data.seq_length"] = value
+        else:
+            settings[f"model.{key}"] = value
+    return settings
+
+
+def _show_characters(chars: str) -> str:
+    return repr("".join(sorted(chars)))
+
+
+def check_resumable(
+    checkpoint: dict, path: Path, config: TransformerConfig, vocab: str, corpus_sha256: str | None, continuing: bool
+) -> str | None:
+    """Checks, before Lightning loads `checkpoint`, that this run can go on from it; raises a `CheckpointError`
+    naming both values and the fix when it cannot.
+
+    The model settings and the vocabulary must match. `continuing` (resume=<run dir>) also requires the same
+    corpus: continuing a run is on its own data. Otherwise (ckpt_path= into a new run) another corpus with the
+    same vocabulary is fine-tuning: the returned line says so (None when the corpus is the same).
+    """
+    meta = checkpoint[CHECKPOINT_KEY]
+    option = f"resume={path.parent.parent}" if continuing else f"ckpt_path={path}"
+    theirs, ours = _model_settings(meta["model_config"]), _model_settings(config.to_dict())
+    if differ := [key for key in ours if theirs.get(key) != ours[key]]:
+        was = " ".join(f"{key}={theirs.get(key)}" for key in differ)
+        asked = " ".join(f"{key}={ours[key]}" for key in differ)
+        raise CheckpointError(
+            f"{option}: the checkpoint's model has {was}, but this run asks for {asked}; pass {was} (or the model= "
+            "it was trained with), or start a new run without it."
+        )
+    data = meta.get("data") or {}
+    trained_on = data.get("path", "its corpus")
+    if meta["vocab"] != vocab:
+        only_theirs, only_ours = set(meta["vocab"]) - set(vocab), set(vocab) - set(meta["vocab"])
+        differences = [f"{_show_characters(only_ours)} only in this corpus"] if only_ours else []
+        differences += [f"{_show_characters(only_theirs)} only in the checkpoint's"] if only_theirs else []
+        raise CheckpointError(
+            f"{option}: the checkpoint's vocabulary has {len(meta['vocab'])} characters and this corpus's "
+            f"{len(vocab)} ({', '.join(differences) or 'in another order'}); train on its corpus "
+            f"(data.path={trained_on}), or start a new run without it."
+        )
+    if corpus_sha256 is None or data.get("sha256") in (None, corpus_sha256):
+        return None
+    if continuing:
+        raise CheckpointError(
+            f"{option}: that run trained on {trained_on} (sha256 {data['sha256'][:12]}), but this corpus has sha256 "
+            f"{corpus_sha256[:12]}; a resumed run goes on with its own data, so pass data.path={trained_on}, or "
+            f"fine-tune in a new run with ckpt_path={path}."
+        )
+    return (
+        f"fine-tuning: {path} was trained on {trained_on} (sha256 {data['sha256'][:12]}); this run trains it on "
+        f"this corpus (sha256 {corpus_sha256[:12]}) from its step {checkpoint.get('global_step', 0)}, with its "
+        "optimizer state and learning-rate schedule."
+    )

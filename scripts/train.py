@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lm.callbacks import ResumableProgressBar
+from lm.checkpoint import check_resumable, read_checkpoint
 from lm.data import write_atomically
 from lm.errors import ConfigError, is_count, is_number
 from lm.evaluate import evaluate, results_table, write_report
@@ -64,14 +65,25 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
 
 def log_into_resumed_run(argv: list[str]) -> list[str]:
-    """`resume=<run dir>` continues in that run's directory, so its logs and checkpoints stay in one place."""
+    """`resume=<run dir>` continues in that run's directory, so its logs and checkpoints stay in one place. Hydra
+    does not write its .hydra/ files there (they would replace the run's own before the resume is checked):
+    train() keeps the resumed run's settings beside them once the checkpoint is accepted."""
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if not resume or any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
     run_dir = Path(resume[-1].rstrip("/"))
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         return argv  # not a run: train() says so, and no directory gets created at that path
-    return [*argv, f"hydra.run.dir={run_dir}"]
+    return [*argv, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+def keep_resumed_settings(cfg: DictConfig, step: int) -> None:
+    """<run dir>/.hydra/resumed_at_<step>/: the config and overrides of a resumed run, beside the original's."""
+    folder = Path(cfg.paths.run_dir) / ".hydra" / f"resumed_at_{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    if HydraConfig.initialized():
+        OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), folder / "overrides.yaml")
 
 
 def run_length(cfg: DictConfig) -> tuple[dict, str]:
@@ -121,6 +133,26 @@ def recipe_for_this_machine(argv: list[str]) -> list[str]:
     return [*argv[:at], *recipe, *argv[at:]]
 
 
+def check_checkpoint(
+    cfg: DictConfig, ckpt_path: str, config: TransformerConfig, datamodule, limits: dict
+) -> str | None:
+    """Refuses, before Lightning loads it, a checkpoint this run cannot go on from (damaged, another model or
+    vocabulary, resume= on other data, no steps left); returns the line that says a run is fine-tuning, if it is."""
+    checkpoint, path = read_checkpoint(ckpt_path)
+    continuing = bool(cfg.resume)
+    note = check_resumable(checkpoint, path, config, datamodule.tokenizer.vocab, datamodule.corpus.sha256, continuing)
+    step = checkpoint.get("global_step", 0)
+    if 0 < limits["max_steps"] <= step:
+        option = f"resume={cfg.resume}" if continuing else f"ckpt_path={path}"
+        raise ConfigError(
+            f"{option} is at step {step} and trainer.max_steps={limits['max_steps']} counts from the start of that "
+            f"run, so no step is left; set trainer.max_steps above {step}."
+        )
+    if continuing:
+        keep_resumed_settings(cfg, step)
+    return note
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """Settings that Lightning or PyTorch would otherwise reject mid-run with a traceback, or not at all."""
     if not is_count(cfg.seed, minimum=0) or cfg.seed >= 2**32:
@@ -148,6 +180,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     compile_model = model_cfg.pop("compile", False)
     config = TransformerConfig(vocab_size=tokenizer.vocab_size, **model_cfg)
     limits, clock = run_length(cfg)
+    fine_tuning = check_checkpoint(cfg, ckpt_path, config, datamodule, limits) if ckpt_path else None
     schedule = {**OmegaConf.to_container(cfg.lr_schedule), "clock": clock}
     module = LanguageModel(config, tokenizer.vocab, optimizer=instantiate(cfg.optimizer), **schedule)
     module.build_optimizer()  # settings the optimizer refuses fail here, before loggers write anything
@@ -172,6 +205,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
 
     if trainer.is_global_zero:
+        if fine_tuning:
+            print(f"[transformer-lm] {fine_tuning}", file=sys.stderr, flush=True)
         if warning := emulated_bf16_warning(precision, training_device_type(trainer_cfg.accelerator)):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         if clock == "time":
@@ -192,7 +227,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(hparams)
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except torch.OutOfMemoryError as error:
+        raise ConfigError(out_of_memory_advice(error, module, cfg)) from error
     fit_seconds = time.perf_counter() - started
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero and metrics:
@@ -219,6 +257,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
             Path(cfg.paths.run_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))
         )
     return metrics
+
+
+def out_of_memory_advice(error: torch.OutOfMemoryError, module: LanguageModel, cfg: DictConfig) -> str:
+    """One sentence for a GPU out of memory: what was asked of it, and what to lower."""
+    config, batch_size = module.config, cfg.data.batch_size
+    memory = ""
+    if torch.cuda.is_available():
+        memory = f" of {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB"
+    accumulate = cfg.trainer.accumulate_grad_batches * 2
+    return (
+        f"The GPU{memory} ran out of memory ({str(error).splitlines()[0][:80]}) training "
+        f"{module.model.num_parameters() / 1e6:.2f}M parameters ({config.n_layer} layers x {config.n_embd} wide) on "
+        f"data.batch_size={batch_size} x data.seq_length={config.seq_length}; lower data.batch_size (e.g. "
+        f"data.batch_size={max(1, batch_size // 2)} trainer.accumulate_grad_batches={accumulate} keeps the tokens "
+        "per step), data.seq_length, or the model size (model=...)."
+    )
 
 
 def threads_per_job(cfg: DictConfig) -> int | None:
