@@ -127,7 +127,7 @@ class LatestCheckpoint(Checkpoint):
         """Writes the checkpoint now (on every rank's call; only rank 0 writes), unless this step is saved already."""
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or trainer.global_step == self._saved_step:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step = trainer.global_step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -400,7 +400,7 @@ class SaveOnInterrupt(L.Callback):
         latest = next((c for c in trainer.callbacks if isinstance(c, LatestCheckpoint)), None)
         path = latest.path if latest else Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         folder = path.parent
-        trainer.save_checkpoint(path)  # atomic, and only rank 0 writes
+        trainer.save_checkpoint(path, weights_only=False)  # atomic, and only rank 0 writes
         name = signal.Signals(signum).name
         raise InterruptedTraining(
             f"{name} received: saved {path} at step {trainer.global_step}; continue with "

@@ -37,9 +37,20 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: not str(record.msg).startswith("💡 Tip")
+# Lightning's start-up lines that our own start line already says better (device, precision) or that concern
+# hardware a run does not use (TPUs, HPUs), and its advertisement for a cloud logger.
+LIGHTNING_NOTICES = (
+    "💡 Tip",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "LOCAL_RANK:",
+    "Using bfloat16 Automatic Mixed Precision",
+    "Using 16bit Automatic Mixed Precision",
+    "Using default `ModelCheckpoint`",
 )
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+    logging.getLogger(_name).addFilter(lambda record: not str(record.msg).startswith(LIGHTNING_NOTICES))
 
 MAX_NAME = 120  # file systems cap a path component at 255 bytes
 

@@ -188,7 +188,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         module.model.compile()  # in place: checkpoints keep the plain parameter names
 
     trainer_cfg = cfg.trainer
-    precision, note = resolve_precision(trainer_cfg.precision, training_device_type(trainer_cfg.accelerator))
+    device_type = training_device_type(trainer_cfg.accelerator)
+    precision, note = resolve_precision(trainer_cfg.precision, device_type)
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 products (Ampere and later): what Lightning advises
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if trainer_cfg.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
@@ -207,7 +210,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         if fine_tuning:
             print(f"[transformer-lm] {fine_tuning}", file=sys.stderr, flush=True)
-        if warning := emulated_bf16_warning(precision, training_device_type(trainer_cfg.accelerator)):
+        if warning := emulated_bf16_warning(precision, device_type):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         if clock == "time":
             length = f"a time budget of {limits['max_time']}"

@@ -107,6 +107,38 @@ def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
         assert (run / "sample.txt").read_text()
 
 
+# Lightning's notices that say nothing about a run of ours (each seen on a 30-step run before they were silenced)
+LIGHTNING_NOTICES = (
+    "IterableDataset",  # a caution about worker processes, which we do not use
+    "LeafSpec",  # a deprecation inside Lightning
+    "Tip:",  # an advertisement
+    "`weights_only` was not set",  # once per checkpoint
+    "is not supported by the model summary",  # bf16 CPUs
+    "Total FLOPs",  # the model summary's column of zeros
+    "GPU available:",
+    "TPU available:",
+    "LOCAL_RANK:",
+    "Automatic Mixed Precision",
+    "set_float32_matmul_precision",
+)
+
+
+def test_the_console_says_only_what_matters(tmp_path, corpus):
+    result = run_train(
+        [f"data.path={corpus}", *TINY, "trainer.max_steps=15", "trainer.val_check_interval=5"],
+        tmp_path,
+        python_warnings=None,  # as a user runs it
+    )
+    output = result.stdout + result.stderr
+    assert not [notice for notice in LIGHTNING_NOTICES if notice in output]
+    assert output.count("[transformer-lm] precision") == 1  # our start line: device, precision, length, size, dir
+    assert "parameters, vocabulary of" in result.stderr
+    assert "Epoch " in output and "val/loss=" in output  # the progress bar with the validation results
+    assert "[transformer-lm] final val/best_loss=" in result.stderr and "----- sample after 15 steps" in result.stderr
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    assert len(scalars(run)["val/loss"]) == 3  # three validations, each with its checkpoints, said nothing
+
+
 def test_training_by_epochs(tmp_path, corpus):
     result = run_train(
         [f"data.path={corpus}", *TINY, "logger=csv", "trainer.max_steps=-1", "trainer.max_epochs=2"],
@@ -114,7 +146,7 @@ def test_training_by_epochs(tmp_path, corpus):
         python_warnings=None,  # as a user runs it: Lightning's notices that do not concern our runs stay quiet
     )
     output = result.stdout + result.stderr
-    assert not [notice for notice in ("IterableDataset", "LeafSpec", "Tip:") if notice in output]
+    assert not [notice for notice in LIGHTNING_NOTICES if notice in output]
     run = next((tmp_path / "outputs" / "runs").iterdir())
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     steps_per_epoch = (len(corpus.read_text()) - int(len(corpus.read_text()) * 0.1)) // (8 * 32)
