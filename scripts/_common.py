@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -65,10 +66,37 @@ def short_name(overrides: str) -> str:
     return f"{name[: MAX_NAME - 10]}..{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
+# A sweep over values (a,b,c or range(...)); a list value ([1,2,4]) is one value
+SWEEP_VALUE = re.compile(r"^(?!\[).*,|^(range|choice|interval|glob|tag|sort|shuffle)\(")
+SWEEP_CONSTANTS = "LM_SWEEP_CONSTANTS"  # set by train.py for the sweep's jobs, which may run in other processes
+
+
+def note_sweep_constants(argv: list[str]) -> None:
+    """Records the keys that a multirun command line sets to one value for all its jobs, so that the jobs' directory
+    names leave them out (`job_name`). Launchers that run jobs in other processes inherit the environment."""
+    keys = []
+    for arg in argv[1:]:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if not SWEEP_VALUE.search(value):
+            keys.append(key.lstrip("+~"))
+    os.environ[SWEEP_CONSTANTS] = ",".join(keys)
+
+
+def job_name(overrides: str) -> str:
+    """A sweep job's directory name: only the overrides that differ between the sweep's jobs (the full list stays
+    in its .hydra/overrides.yaml), so TensorBoard's run list shows what each run is."""
+    constants = set(filter(None, os.environ.get(SWEEP_CONSTANTS, "").split(",")))
+    items = overrides.split("+") if overrides else []
+    varying = [item for item in items if item.split("-", 1)[0] not in constants]
+    return short_name("+".join(varying or items))
+
+
 if not OmegaConf.has_resolver("lm_suffix"):
     # "_<overrides>" for run directory names, nothing when there are no overrides
     OmegaConf.register_new_resolver("lm_suffix", lambda s: f"_{short_name(s)}" if s else "")
-    OmegaConf.register_new_resolver("lm_name", short_name)
+    OmegaConf.register_new_resolver("lm_name", job_name)
 
 
 def full_errors() -> bool:

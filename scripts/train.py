@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from _common import CONFIG_DIR, full_errors, project_error, report_errors
+from _common import CONFIG_DIR, full_errors, note_sweep_constants, project_error, report_errors
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -368,4 +368,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = recipe_for_this_machine(log_into_resumed_run(sys.argv))
+    note_sweep_constants(sys.argv)
     main()

@@ -75,8 +75,8 @@ def test_a_study_is_one_command_that_ends_with_its_report(tmp_path, corpus):
     )
     sweep = next((tmp_path / "outputs" / "multirun" / "init_study").iterdir())
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    # named by what differs (and debug=, typed here); not by the study, which names the sweep dir
-    assert jobs[:2] == ["0_debug-default+seed-1+model.init-gpt2", "1_debug-default+seed-2+model.init-gpt2"]
+    # named by what differs: not by the study, which names the sweep dir, nor by debug=, the same for every job
+    assert jobs[:2] == ["0_seed-1+model.init-gpt2", "1_seed-2+model.init-gpt2"]
     assert len(jobs) == 6
     for name in ("results.md", "results.csv", "val_loss.png", "extrapolation.png"):
         assert (sweep / name).stat().st_size > 0, name

@@ -91,7 +91,9 @@ def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
     runs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(runs) == 6
     for run in runs:
-        assert "pos_encoding-" in run.name and "optimizer-" in run.name  # the TensorBoard run names its overrides
+        # TensorBoard's run list names each run by what differs between the jobs; .hydra/ keeps all overrides
+        assert re.fullmatch(r"\d_optimizer-\w+\+pos_encoding-\w+", run.name), run.name
+        assert "model=tiny" in (run / ".hydra" / "overrides.yaml").read_text()
         for ckpt in ("best.ckpt", "last.ckpt"):
             checkpoint = torch.load(run / "checkpoints" / ckpt, map_location="cpu", weights_only=True)
             assert checkpoint[CHECKPOINT_KEY]["vocab"] == "".join(sorted(set(corpus.read_text())))
