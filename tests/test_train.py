@@ -67,6 +67,16 @@ def hparams_of(run_dir: Path) -> dict:
     return {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
 
 
+def custom_scalars_layout(run_dir: Path) -> list[tuple[str, list[str]]]:
+    """The Custom Scalars tab's layout in a run's event file: (category, its charts' tag patterns)."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    return [(c.title, [chart.multiline.tag[0] for chart in c.chart]) for c in layout.category]
+
+
 def text_samples(run_dir: Path) -> list[int]:
     """The steps at which a text sample was logged."""
     events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
@@ -102,6 +112,15 @@ def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
             assert values.get(tag), f"{run.name} logged no {tag}"
         assert not [t for t in values if t == "epoch" or t.startswith(("lr-", "train/time", "train/batches"))]
         assert hparams_of(run)["optimizer.name"] in ("adafactor", "muon")
+        # TensorBoard's Custom Scalars tab: validation first, then training, then speed; every chart's tag is logged
+        layout = custom_scalars_layout(run)
+        assert [tags[0] for _, tags in layout] == ["^val/loss$", "^train/loss$", "^speed/tokens_per_sec$"]
+        assert layout[0][1][:2] == ["^val/loss$", "^val/bpc$"]
+        # (12 steps are fewer than the throughput window: no speed/ series yet)
+        assert {tag.strip("^$") for _, tags in layout for tag in tags} - set(values) <= {
+            "speed/mfu",
+            "speed/tokens_per_sec",
+        }
         assert (run / "summary.json").is_file()
         # 12 steps < val_check_interval, yet the run ends with a full validation pass
         assert len(values["val/loss"]) == 1
