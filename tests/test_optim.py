@@ -75,16 +75,45 @@ def test_muon_refuses_parameters_without_roles():
         MuonWithAdamW(tiny_model().parameters())
 
 
-def test_fp32_newton_schulz_matches_torchs_bf16_iteration():
+def test_batched_newton_schulz_matches_torchs_per_matrix_iteration():
     import torch.optim._muon as torch_muon
 
-    from lm.optim import newton_schulz_fp32
+    from lm.optim import newton_schulz
 
+    coefficients = (3.4445, -4.775, 2.0315)
     for shape in [(48, 16), (16, 48), (32, 32)]:
-        grad = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        expected = torch_muon._zeropower_via_newtonschulz(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float()
-        got = newton_schulz_fp32(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
-        assert got.shape == shape and torch.allclose(got, expected, atol=0.03)
+        stack = torch.randn((3, *shape), generator=torch.Generator().manual_seed(0))
+        expected = torch.stack([torch_muon._zeropower_via_newtonschulz(g, coefficients, 5, 1e-7) for g in stack])
+        in_bf16 = newton_schulz(stack, coefficients, 5, 1e-7, torch.bfloat16)
+        in_fp32 = newton_schulz(stack, coefficients, 5, 1e-7, torch.float32)
+        assert in_bf16.shape == in_fp32.shape == (3, *shape)
+        assert torch.allclose(in_bf16.float(), expected.float(), atol=0.02)
+        assert torch.allclose(in_fp32, expected.float(), atol=0.03)
+        # each matrix of the stack as if it were alone: no mixing across the batch
+        alone = torch.stack([newton_schulz(g[None], coefficients, 5, 1e-7, torch.float32)[0] for g in stack])
+        assert torch.allclose(in_fp32, alone, atol=1e-5)
+
+
+def test_batched_muon_steps_as_torchs_muon_and_shares_its_state():
+    from lm.optim import BatchedMuon
+
+    models = [tiny_model(), tiny_model()]
+    hidden = [parameter_groups(m)[0]["params"] for m in models]
+    settings = dict(lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    optimizers = [torch.optim.Muon(hidden[0], **settings), BatchedMuon(hidden[1], **settings)]
+    for step in range(3):
+        for params in hidden:
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i))
+        for optimizer in optimizers:
+            optimizer.step()
+    for theirs, ours in zip(*hidden, strict=True):
+        assert torch.allclose(theirs, ours, atol=1e-4), (theirs - ours).abs().max()
+    state_theirs, state_ours = (o.state_dict() for o in optimizers)
+    assert state_theirs["param_groups"] == state_ours["param_groups"]
+    for i, state in state_theirs["state"].items():
+        assert torch.allclose(state["momentum_buffer"], state_ours["state"][i]["momentum_buffer"], atol=1e-6)
+    torch.optim.Muon(hidden[0], **settings).load_state_dict(state_ours)  # each loads the other's checkpoint
 
 
 def test_muon_steps_agree_whichever_dtype_orthogonalises():
