@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -135,6 +136,26 @@ class LatestCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         self.save(trainer)  # a run without validation batches still ends with its last step saved
+
+
+class CompileTime(L.Callback):
+    """Says how long the first training step took, where `torch.compile` compiles the model (lazily, on that step)."""
+
+    def __init__(self) -> None:
+        self._started: float | None = None
+        self._said = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
+        if self._started is None:
+            self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._said or self._started is None:
+            return
+        self._said = True
+        if trainer.is_global_zero:
+            seconds = time.perf_counter() - self._started
+            print(f"[transformer-lm] compiled the model: the first step took {seconds:.1f} s", file=sys.stderr)
 
 
 class ResumableProgressBar(TQDMProgressBar):

@@ -92,6 +92,8 @@ class LanguageModel(L.LightningModule):
         self.warmup_end_s: float | None = None  # time-clock runs: the training time at which warmup ended
         self.val_loss = MeanMetric()
         self.best_val_loss = math.inf
+        self._divergence: tuple[torch.Tensor, torch.Tensor] | None = None  # (first bad step or 0, its loss)
+        self.read_divergence_every_step = True  # False on a GPU (on_fit_start)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -112,13 +114,44 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(*batch)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"The training loss became {loss.item()} at step {self.global_step + 1}; lower optimizer.lr or keep "
-                "gradient clipping on (trainer.gradient_clip_val). Checkpoints written before this step are intact."
-            )
+        self.watch_for_divergence(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def watch_for_divergence(self, loss: torch.Tensor) -> None:
+        """Raises `TrainingDivergedError`, naming the first step whose training loss was not finite.
+
+        On a GPU, reading the check every step would make the host wait for the device at every step; there the
+        first bad step and its loss are kept on the device and read at logging steps (and before validation, so a
+        checkpoint never holds the diverged weights). On a CPU reading costs nothing: the run stops at that step.
+        """
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss)
+        if self._divergence is None:
+            self._divergence = (torch.zeros((), dtype=torch.long, device=loss.device), torch.zeros_like(loss))
+        first_step, first_loss = self._divergence
+        new = bad & (first_step == 0)
+        self._divergence = (
+            torch.where(new, self.global_step + 1, first_step),
+            torch.where(new, loss, first_loss),
+        )
+        if self.read_divergence_every_step or self.trainer._logger_connector.should_update_logs:
+            self.raise_if_diverged()
+
+    def raise_if_diverged(self) -> None:
+        if self._divergence is None or not int(self._divergence[0]):
+            return
+        step, loss = int(self._divergence[0]), float(self._divergence[1])
+        raise TrainingDivergedError(
+            f"The training loss became {loss} at step {step}; lower optimizer.lr or keep gradient clipping on "
+            "(trainer.gradient_clip_val). Checkpoints written before this step are intact."
+        )
+
+    def on_fit_start(self) -> None:
+        self.read_divergence_every_step = self.device.type != "cuda"
+
+    def on_validation_start(self) -> None:
+        self.raise_if_diverged()  # (on a GPU, a bad step since the last logging step is read here)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # the norm before clipping, so it shows when clipping is active; only on logging steps (it costs a pass)

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lm.callbacks import ResumableProgressBar
+from lm.callbacks import CompileTime, ResumableProgressBar
 from lm.checkpoint import check_resumable, read_checkpoint
 from lm.data import write_atomically
 from lm.errors import ConfigError, is_count, is_number
@@ -153,6 +153,17 @@ def check_checkpoint(
     return note
 
 
+def should_compile(setting, device_type: str) -> bool:
+    """`model.compile`: true, false, or auto, which compiles on CUDA only: on CPUs the project's own kernels beat
+    Inductor's code (docs/speed.md). Compiled graphs are cached on disk by Inductor, so later runs and the jobs of a
+    sweep on the same machine compile faster."""
+    if setting == "auto":
+        return device_type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise ConfigError(f"model.compile={setting} must be true, false or auto.")
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """Settings that Lightning or PyTorch would otherwise reject mid-run with a traceback, or not at all."""
     if not is_count(cfg.seed, minimum=0) or cfg.seed >= 2**32:
@@ -184,16 +195,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     schedule = {**OmegaConf.to_container(cfg.lr_schedule), "clock": clock}
     module = LanguageModel(config, tokenizer.vocab, optimizer=instantiate(cfg.optimizer), **schedule)
     module.build_optimizer()  # settings the optimizer refuses fail here, before loggers write anything
-    if compile_model:
-        module.model.compile()  # in place: checkpoints keep the plain parameter names
 
     trainer_cfg = cfg.trainer
     device_type = training_device_type(trainer_cfg.accelerator)
+    if should_compile(compile_model, device_type):
+        module.model.compile()  # in place: checkpoints keep the plain parameter names
     precision, note = resolve_precision(trainer_cfg.precision, device_type)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 products (Ampere and later): what Lightning advises
     loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if module.model._compiled_call_impl is not None:  # nn.Module.compile's
+        callbacks.append(CompileTime())
     if trainer_cfg.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # the same bar for every install: Lightning takes Rich's whenever `rich` can be imported (optuna pulls it
         # in), and that one draws nothing until training ends when its output is a log file

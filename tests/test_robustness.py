@@ -264,6 +264,25 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, c
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
 
 
+def test_on_a_gpu_divergence_is_read_at_logging_steps_and_names_the_first_bad_step():
+    from types import SimpleNamespace
+
+    from lm.errors import TrainingDivergedError
+    from lm.model import TransformerConfig
+    from lm.module import LanguageModel
+
+    module = LanguageModel(TransformerConfig(vocab_size=5, n_layer=1, n_head=1, n_embd=8), "abcde", torch.optim.SGD)
+    logging = SimpleNamespace(should_update_logs=False)
+    module._trainer = SimpleNamespace(global_step=0, _logger_connector=logging)
+    module.read_divergence_every_step = False  # as on_fit_start sets it on CUDA: no host-device sync every step
+    for step, loss in enumerate([1.0, float("nan"), float("inf"), 2.0]):
+        module._trainer.global_step = step
+        module.watch_for_divergence(torch.tensor(loss))  # not read: no logging step yet
+    logging.should_update_logs = True
+    with pytest.raises(TrainingDivergedError, match="The training loss became nan at step 2;"):
+        module.watch_for_divergence(torch.tensor(3.0))
+
+
 def test_gradient_norm_is_logged(tmp_path, corpus):
     run_train([f"data.path={corpus}", *TINY, "trainer.max_steps=4", "trainer.log_every_n_steps=1"], tmp_path)
     assert len(scalars(only_run(tmp_path / "outputs"))["train/grad_norm"]) == 4

@@ -400,3 +400,14 @@ def test_samples_at_each_validation_and_a_final_evaluation_past_the_training_con
     # validation in training and evaluation share one loss function: same windows, same number
     assert results[0]["loss"] == pytest.approx(summary["metrics"]["val/loss"], abs=1e-5)
     assert summary["metrics"]["val/best_loss"] == pytest.approx(min(scalars(run)["val/loss"]))
+
+
+def test_compile_auto_compiles_on_cuda_only_and_bad_values_are_one_sentence():
+    import train
+
+    from lm.errors import ConfigError
+
+    assert train.should_compile("auto", "cuda") and not train.should_compile("auto", "cpu")
+    assert train.should_compile(True, "cpu") and not train.should_compile(False, "cuda")
+    with pytest.raises(ConfigError, match="model.compile=maybe must be true, false or auto."):
+        train.should_compile("maybe", "cpu")
