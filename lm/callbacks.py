@@ -16,8 +16,10 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Checkpoint, ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from lm.data import write_atomically
 from lm.errors import LMError
@@ -49,6 +51,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if not isinstance(cause, OSError):
                 raise
             raise CheckpointWriteError(path, checkpoint, cause) from error
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Lightning's `AsyncCheckpointIO` around `AtomicCheckpointIO`: the checkpoint's tensors are copied at once (a
+    point-in-time state, so exact resume holds) and written to disk by one thread, in order, while training goes on.
+
+    After a write fails (a full disk), no later one is written, so the last intact checkpoint stays the newest; the
+    error ends the run at the next save, or when training ends (teardown waits for every write).
+    """
+
+    def __init__(self, checkpoint_io: TorchCheckpointIO | None = None):
+        super().__init__(checkpoint_io or AtomicCheckpointIO())
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if self._error:
+            raise self._error
+        self._ensure_setup()
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())
+
+        def write() -> None:
+            if self._error is None:
+                try:
+                    self.checkpoint_io.save_checkpoint(snapshot, path, storage_options)
+                except BaseException as error:
+                    self._error = error
+
+        self._executor.submit(write)
+
+    def wait(self) -> None:
+        """Returns once every write asked for so far is done; raises the error of one that failed."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()  # one worker, first in first out: after all before it
+        if self._error:
+            raise self._error
 
 
 def tensor_bytes(obj) -> int:
@@ -240,9 +276,13 @@ class LMThroughputMonitor(ThroughputMonitor):
 
 
 class TextSample(L.Callback):
-    """Logs a short text sample after every validation (TensorBoard's Text tab, or the logger's own way), and
-    prints the last one at the end of training (also written to `sample.txt`). Sampling uses its own seeded random
-    stream, so it never changes the training run.
+    """Logs a short text sample after validations (TensorBoard's Text tab, or the logger's own way), and prints the
+    last one at the end of training (also written to `sample.txt`). Sampling uses its own seeded random stream, so
+    it never changes the training run.
+
+    `max_time_share` keeps sampling cheap where steps are fast (a GPU): after the first, a validation samples only
+    if all samples so far plus one more (as long as the last took) stay within that share of the training time;
+    the end of training always samples. None: a sample after every validation.
 
     With no `prompt`, the sample starts from the first character of the validation split, which is in the
     vocabulary of any corpus. Training is over by then: a failure while sampling (a prompt character the corpus
@@ -257,6 +297,7 @@ class TextSample(L.Callback):
         top_k: int | None = None,
         seed: int = 0,
         output_dir: str | None = None,
+        max_time_share: float | None = 0.02,
     ):
         self.max_new_tokens, self.prompt, self.temperature, self.top_k, self.seed = (
             max_new_tokens,
@@ -266,6 +307,9 @@ class TextSample(L.Callback):
             seed,
         )
         self.output_dir = output_dir
+        self.max_time_share = max_time_share
+        self.sampling_seconds, self.last_cost = 0.0, 0.0
+        self.fit_started = time.perf_counter()
         self.last: tuple[int | None, str | None] = (None, None)  # (step, text) of the latest sample
         self.failures: set[str] = set()  # reasons already reported: a failure that repeats is said once
 
@@ -279,6 +323,24 @@ class TextSample(L.Callback):
 
     def sample(self, trainer: L.Trainer, pl_module) -> str | None:
         """A sample from the model as it is now, or None (with a warning, once per reason) if sampling fails."""
+        started = time.perf_counter()
+        try:
+            return self._sample(trainer, pl_module)
+        finally:
+            self.last_cost = time.perf_counter() - started
+            self.sampling_seconds += self.last_cost
+
+    def affordable(self) -> bool:
+        """Whether one more sample keeps sampling within `max_time_share` of the time since training started."""
+        if self.max_time_share is None or self.last_cost == 0.0:
+            return True
+        elapsed = time.perf_counter() - self.fit_started
+        return self.sampling_seconds + self.last_cost <= self.max_time_share * elapsed
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.fit_started = time.perf_counter()
+
+    def _sample(self, trainer: L.Trainer, pl_module) -> str | None:
         try:
             # a compiled model (model.compile=true) would recompile for every generation length: run it eagerly
             with torch.compiler.set_stance("force_eager"):
@@ -308,7 +370,7 @@ class TextSample(L.Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        if self.max_new_tokens <= 0 or trainer.sanity_checking or trainer.state.fn != "fit":
+        if self.max_new_tokens <= 0 or trainer.sanity_checking or trainer.state.fn != "fit" or not self.affordable():
             return
         text = self.sample(trainer, pl_module)
         if text is not None:

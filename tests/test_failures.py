@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_corpus_text
 from test_robustness import FAST, last_checkpoint, only_run
 from test_train import run_train
@@ -139,3 +140,46 @@ LanguageModel.training_step = training_step
     assert line.startswith("error: The GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "0.03M parameters (2 layers x 32 wide) on data.batch_size=8 x data.seq_length=32" in line
     assert "data.batch_size=4 trainer.accumulate_grad_batches=2 keeps the tokens per step" in line
+
+
+def test_background_checkpoints_are_point_in_time_and_a_failed_write_stops_the_next_save(tmp_path, monkeypatch):
+    import errno
+    import threading
+
+    import lm.callbacks
+
+    writer = lm.callbacks.BackgroundCheckpointIO()
+    release, writing = threading.Event(), []
+    real_save = torch.save
+
+    def slow_save(obj, file):
+        writing.append(threading.current_thread() is not threading.main_thread())
+        release.wait(10)
+        real_save(obj, file)
+
+    monkeypatch.setattr(lm.callbacks.torch, "save", slow_save)
+    weights = torch.ones(3)
+    writer.save_checkpoint({"weights": weights}, tmp_path / "a.ckpt")  # returns while the write waits
+    weights.add_(1)  # training goes on: the checkpoint keeps the state it was asked for
+    assert not (tmp_path / "a.ckpt").exists()
+    release.set()
+    writer.wait()
+    assert writing == [True] and torch.load(tmp_path / "a.ckpt", weights_only=True)["weights"].sum() == 3
+
+    queued = threading.Event()
+
+    def disk_full_for_b(obj, file):  # b's write fails once c's is queued behind it; c would fit
+        if ".b.ckpt." in file.name:
+            queued.wait(10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, file)
+
+    monkeypatch.setattr(lm.callbacks.torch, "save", disk_full_for_b)
+    writer.save_checkpoint({"weights": weights}, tmp_path / "b.ckpt")
+    writer.save_checkpoint({"weights": weights}, tmp_path / "c.ckpt")
+    queued.set()
+    with pytest.raises(lm.callbacks.CheckpointWriteError, match="Could not write .*b.ckpt"):
+        writer.wait()
+    with pytest.raises(lm.callbacks.CheckpointWriteError, match="Could not write .*b.ckpt"):
+        writer.save_checkpoint({"weights": weights}, tmp_path / "d.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]

@@ -377,6 +377,17 @@ def test_bf16_on_a_cpu_that_only_emulates_it_gets_a_warning(monkeypatch):
     assert hardware.emulated_bf16_warning("bf16-mixed", "cpu") is None
 
 
+@pytest.mark.parametrize("share,expected", [("null", [2, 4, 6, 8, 10, 12]), ("0.0001", [2, 12])])
+def test_text_samples_stay_within_their_share_of_training_time(tmp_path, corpus, share, expected):
+    # 0.0001 of a few seconds is less than one 200-character sample: the first validation samples (its cost is not
+    # known before), then only the end of training; null samples at every validation
+    overrides = ["trainer.max_steps=12", "trainer.val_check_interval=2", "callbacks.text_sample.max_new_tokens=200"]
+    run_train([f"data.path={corpus}", *TINY, *overrides, f"callbacks.text_sample.max_time_share={share}"], tmp_path)
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    assert text_samples(run) == expected
+    assert (run / "sample.txt").read_text()
+
+
 def test_samples_at_each_validation_and_a_final_evaluation_past_the_training_context(tmp_path, corpus):
     import json
 
