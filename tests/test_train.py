@@ -305,6 +305,23 @@ def test_a_run_with_no_length_gets_the_default_time_budget_and_steps_stay_steps(
     assert train.run_length(cfg)[1] == "steps"
 
 
+def test_on_a_gpu_the_default_run_is_nanogpts_size_with_muon_compiled_for_1500_steps(monkeypatch, tmp_path):
+    import train  # scripts/train.py
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setattr(train, "training_device_type", lambda accelerator: "cuda")
+    argv = train.recipe_for_this_machine(["train.py"])
+    assert argv == ["train.py", *[f"{k}={v}" for k, v in train.GPU_RECIPE.items()]]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*argv[1:], f"paths.output_dir={tmp_path}"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_length, cfg.data.batch_size) == (6, 384, 256, 64)
+    assert cfg.optimizer._target_ == "lm.optim.MuonWithAdamW" and cfg.optimizer.lr == 1e-2
+    assert cfg.trainer.max_steps == 1500 and train.should_compile(cfg.model.compile, "cuda")
+    # your own choice still wins
+    assert train.recipe_for_this_machine(["train.py", "model=small"]) == ["train.py", "model=small"]
+    assert "optimizer.lr=1e-2" not in train.recipe_for_this_machine(["train.py", "optimizer=adamw"])
+
+
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_the_default_run_is_sized_for_the_machine(monkeypatch, native_bf16):
     import train  # scripts/train.py
