@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.data import IGNORE_INDEX, ValidationWindows
+from lm.decoding import sliding_cache
 from lm.errors import DataError
 from lm.generate import NextCharacterLogits
 from lm.model import ContextTooLongError, Transformer
@@ -114,7 +115,7 @@ def past_context_losses(model: Transformer, ids: np.ndarray, characters: int, st
     targets = tokens[:, context + 1 :]
     model.eval()
     ways = {"window": dict(kv_cache=False), "rebuilt cache": dict(sliding=False)}
-    if model.sliding_cache:
+    if sliding_cache(model):
         ways["sliding cache"] = dict(sliding=True)
     losses = {}
     for way, kwargs in ways.items():

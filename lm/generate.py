@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
+from lm.decoding import KVCache, decode_step, decoding_matrices, decoding_positions, rewind_cache, sliding_cache
 from lm.errors import ConfigError, is_count, is_number
-from lm.model import KVCache, Transformer, decoding_matrices, decoding_positions
+from lm.model import Transformer
 from lm.tokenizer import CharTokenizer
 
 
@@ -72,13 +74,22 @@ def default_prompt(tokenizer: CharTokenizer) -> str:
 
 
 def decoding_step(model: Transformer, compile: bool = False) -> Callable:
-    """`model.decode_step`, compiled once per model when asked (the compiled function is kept on the model)."""
+    """`decode_step` for `model`, compiled once per model when asked (the compiled function is kept on the model).
+
+    On CUDA the compiled step is captured as a CUDA graph (`mode="reduce-overhead"`): a one-character step is a few
+    dozen small kernels, whose launches, not their arithmetic, set its pace. Its shapes do not depend on the
+    position and the cache's tensors keep their addresses (`KVCache` marks them static), so one graph replays at
+    every step."""
     if model.rope is not None:  # built outside the compiled region
         model.rope.decoding_rotations(decoding_positions(model.config.seq_length), model.token_embedding.weight.dtype)
+    step = functools.partial(decode_step, model)
     if not compile:
-        return model.decode_step
+        return step
     if getattr(model, "_compiled_decode_step", None) is None:
-        model._compiled_decode_step = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
+        on_cuda = model.token_embedding.weight.is_cuda
+        model._compiled_decode_step = torch.compile(
+            step, dynamic=False, fullgraph=True, mode="reduce-overhead" if on_cuda else None
+        )
     return model._compiled_decode_step
 
 
@@ -87,8 +98,8 @@ class NextCharacterLogits:
     behind `generate`, without sampling.
 
     With `kv_cache`, the first call fills the cache from the text so far (up to a full context) and each later
-    call costs one position (`step`: `model.decode_step` or its compiled version). Past the context, a cache that
-    can slide (`Transformer.sliding_cache`, unless `sliding=False`) keeps the most recent `seq_length` positions;
+    call costs one position (`step`: `decode_step` or its compiled version). Past the context, a cache that
+    can slide (`sliding_cache`, unless `sliding=False`) keeps the most recent `seq_length` positions;
     otherwise it is rebuilt from the most recent half context, so rebuilds stay rare. Without the cache, each call
     recomputes the last `seq_length` characters.
     """
@@ -103,8 +114,8 @@ class NextCharacterLogits:
         sliding: bool | None = None,
     ):
         self.model, self.batch, self.kv_cache, self.matrices = model, batch, kv_cache, matrices
-        self.step = step or model.decode_step
-        self.sliding = model.sliding_cache if sliding is None else sliding and model.sliding_cache
+        self.step = step or functools.partial(decode_step, model)
+        self.sliding = sliding_cache(model) if sliding is None else sliding and sliding_cache(model)
         self.cache: KVCache | None = None
         self.newest: torch.Tensor | None = None  # the newest character of each text, for the step
 
@@ -126,7 +137,7 @@ class NextCharacterLogits:
             self.newest = torch.empty(self.batch, dtype=torch.long, device=device)
             return model(tokens[:, length - keep : length], self.cache)[:, -1]
         if cache.length == decoding_positions(context_length):
-            model.rewind_cache(cache)
+            rewind_cache(model, cache)
         logits = self.step(self.newest.copy_(tokens[:, length - 1]), cache.positions[cache.length], cache)
         cache.length += 1
         return logits
@@ -152,14 +163,14 @@ def generate(
 
     With `kv_cache`, each new character costs one position's worth of compute. When the text outgrows the
     model's context, generation goes on: with RoPE or ALiBi the cache slides (each character attends to the last
-    `seq_length`, their keys and values as computed when they were new: `Transformer.sliding_cache`); with the
+    `seq_length`, their keys and values as computed when they were new: `sliding_cache`); with the
     other encodings it is rebuilt from the most recent half context. Without the cache, every step recomputes the
     last `seq_length` characters. `on_token` receives each new
     batch of ids (shape (num_samples,)) as it is made, for streaming. `compile` runs the one-character step through
     `torch.compile` (its shapes do not depend on the position, so it compiles once per model and batch size). An
     empty prompt starts from a newline, or from the vocabulary's first character when the corpus had no newline.
 
-    On a CPU, up to 16 streams multiply by float16 versions of the weights (`lm.model.decoding_matrices`: about 2x
+    On a CPU, up to 16 streams multiply by float16 versions of the weights (`lm.decoding.decoding_matrices`: about 2x
     the characters/s of `exact=True` on a 2-core EPYC, logits within ~1e-3 of their size); `exact=True` keeps every
     product in the model's precision.
     """

@@ -34,9 +34,10 @@ from _nanogpt import NanoGPTReference
 from lightning.fabric.utilities.throughput import measure_flops
 
 from lm.data import CharDataModule, encode_corpus
+from lm.decoding import decode_linear, decoding_matrices
 from lm.generate import generate
 from lm.hardware import bf16_supported, measure_matmul_peak, retain_freed_memory
-from lm.model import Transformer, TransformerConfig, decode_linear, decoding_matrices
+from lm.model import Transformer, TransformerConfig
 from lm.module import LanguageModel, cosine_schedule
 from lm.optim import parameter_groups
 from lm.tokenizer import CharTokenizer
@@ -352,7 +353,7 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3, pa
         generate(model, tokenizer, "\n", 2, compile=True)  # the second character takes the compiled step
         compile_s = time.perf_counter() - start
         weight_pass = weight_pass_seconds(model)
-        # the weights one stream reads: float16 copies on a CPU (lm.model.decoding_matrices), else the model's own
+        # the weights one stream reads: float16 copies on a CPU (lm.decoding.decoding_matrices), else the model's own
         weight_pass_one_stream = weight_pass_seconds(model, decoding_matrices(model, 1))
         weight_pass_8_rows = weight_pass_seconds(model, rows=8)
         weight_pass_8_streams = weight_pass_seconds(model, decoding_matrices(model, 8), rows=8)  # FBGEMM's, on a CPU

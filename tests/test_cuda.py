@@ -96,3 +96,14 @@ def test_resume_on_cuda_is_exact(tmp_path, corpus):
     assert last_checkpoint(a)["global_step"] == last_checkpoint(b)["global_step"] == 20
     # (CUDA kernels may add in another order from run to run: equal to rounding, not bit for bit)
     assert csv_column(a, "train/loss")[-10:] == pytest.approx(csv_column(b, "train/loss")[-10:], abs=1e-3)
+
+
+@pytest.mark.parametrize("pe", ["rope", "alibi", "learned"])
+def test_the_graph_captured_step_gives_the_eager_steps_text_on_cuda(pe):
+    # compile=True on CUDA captures the one-character step as a CUDA graph (mode="reduce-overhead"); past twice the
+    # context (24) the cache slides and is rewound (rope, alibi) or rebuilt (learned)
+    model, tok = random_model(pe).cuda(), CharTokenizer(VOCAB)
+    kwargs = dict(prompt="To be", max_new_tokens=60, temperature=0, exact=True)
+    assert generate(model, tok, compile=True, **kwargs) == generate(model, tok, **kwargs)
+    several = dict(kwargs, num_samples=8, temperature=1.0, seed=0)
+    assert generate(model, tok, compile=True, **several) == generate(model, tok, **several)

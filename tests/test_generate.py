@@ -13,16 +13,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from lm import generate, load_model
+from lm.decoding import KVCache, decode_linear, decode_step, decoding_matrices, rewind_cache, sliding_cache
 from lm.errors import CheckpointError, ConfigError, DataError
 from lm.evaluate import past_context_losses
-from lm.model import (
-    POSITIONAL_ENCODINGS,
-    KVCache,
-    Transformer,
-    TransformerConfig,
-    decode_linear,
-    decoding_matrices,
-)
+from lm.model import POSITIONAL_ENCODINGS, Transformer, TransformerConfig
 from lm.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +69,7 @@ def test_decode_step_matches_full_forward_at_every_position(pe, batch):
         cache = KVCache(model.config, batch, 24, "cpu", torch.float32)
         model(idx[:, :5], cache)
         for t in range(5, 24):
-            logits = model.decode_step(idx[:, t], cache.positions[t], cache)
+            logits = decode_step(model, idx[:, t], cache.positions[t], cache)
             cache.length += 1
             assert torch.allclose(logits, full[:, t], atol=1e-4), f"position {t}"
 
@@ -90,7 +84,7 @@ def test_an_eager_step_reads_only_the_filled_part_of_the_cache(pe):
         model(idx[:, :11], cache)
         for kv in cache.kv:
             kv[:, :, :, 11:] = float("nan")  # what a masked read of the unfilled positions would turn into NaN
-        logits = model.decode_step(idx[:, 11], cache.positions[11], cache)
+        logits = decode_step(model, idx[:, 11], cache.positions[11], cache)
     assert torch.allclose(logits, full[:, 11], atol=1e-4)
 
 
@@ -126,7 +120,7 @@ def test_float16_matrices_keep_the_logits_within_their_rounding(pe, batch_size):
         cache = KVCache(model.config, batch_size, 24, "cpu", torch.float32, matrices)
         model(idx[:, :5], cache)
         for t in range(5, 24):
-            logits = model.decode_step(idx[:, t], cache.positions[t], cache)
+            logits = decode_step(model, idx[:, t], cache.positions[t], cache)
             cache.length += 1
             error = (logits - full[:, t]).abs().max() / full[:, t].abs().max()
             assert 1e-6 < error < bound, f"position {t}: relative error {error}"  # rounded, but only just
@@ -171,15 +165,15 @@ def test_a_sliding_cache_equals_the_sliding_window_for_one_layer(pe, batch):
     # context (ring slots, RoPE's positions rewound) must give exactly the logits of the last seq_length characters
     model = one_layer_model(pe)
     config = model.config
-    assert model.sliding_cache
+    assert sliding_cache(model)
     idx = torch.randint(0, len(VOCAB), (batch, 45))  # past two rewinds (at 16 and, rewound to 8, again at 16)
     with torch.inference_mode():
         cache = KVCache(config, batch, 8, "cpu", torch.float32)
         model(idx[:, :5], cache)
         for t in range(5, 45):
             if cache.length == 16:
-                model.rewind_cache(cache)
-            logits = model.decode_step(idx[:, t], cache.positions[cache.length], cache)
+                rewind_cache(model, cache)
+            logits = decode_step(model, idx[:, t], cache.positions[cache.length], cache)
             cache.length += 1
             window = model(idx[:, max(0, t - 7) : t + 1])[:, -1]
             assert torch.allclose(logits, window, atol=1e-5), f"position {t}"

@@ -1,0 +1,240 @@
+"""Decoding: generation's one-position step with a KV cache, apart from the model that training sees.
+
+A `KVCache` holds every layer's keys and values. `decode_step(model, ids, position, cache)` gives the logits of
+one new position per row in a third of the operations of `Transformer.forward`; `decoding_matrices` makes the
+float16 weights that a step reads on a CPU; `sliding_cache` and `rewind_cache` let the cache slide past the
+context. `Transformer.forward(idx, cache)` fills a cache from a prompt (docs/generation.md, docs/speed.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.model import Block, CausalSelfAttention, Transformer, TransformerConfig
+from lm.positional import SinusoidalPositionalEncoding
+
+
+def decoding_positions(max_length: int) -> int:
+    """How many positions decoding steps with a cache of `max_length` slots can be at: a sliding cache's positions
+    are kept below twice its slots (`rewind_cache`), and RoPE's decoding table covers them."""
+    return 2 * max_length
+
+
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far, preallocated up to `max_length`.
+
+    Layer i's keys are `kv[i][0]` and its values `kv[i][1]`, each (B, H, max_length, D): one tensor per layer, so a
+    decoding step writes a position's key and value with one copy. `matrices`, when given, maps a model's
+    `nn.Linear` modules to the matrices that one-position steps multiply with instead of their own weights (see
+    `decoding_matrices`).
+
+    Decoding steps may go past `max_length` where the model's scores depend only on distances
+    (`sliding_cache`): position p then lives in slot p % max_length, overwriting the oldest, and
+    `rewind_cache` keeps the positions below 2 x max_length.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        batch_size: int,
+        max_length: int,
+        device,
+        dtype,
+        matrices: dict[nn.Module, torch.Tensor | torch.ScriptObject] | None = None,
+    ):
+        shape = (2, batch_size, config.n_head, max_length, config.head_dim)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        # 0-d position tensors for decoding steps (also the slot indices of their visibility mask)
+        self.positions = torch.arange(decoding_positions(max_length), device=device)
+        self.length = 0  # positions decoded so far (the next position)
+        self.max_length = max_length
+        self.matrices = matrices or {}
+        if torch.device(device).type == "cuda":  # a compiled step mutates them in place inside a CUDA graph
+            for tensor in (*self.kv, self.positions):
+                torch._dynamo.mark_static_address(tensor)
+
+
+def attention_step(
+    attn: CausalSelfAttention,
+    h: torch.Tensor,
+    residual: torch.Tensor,
+    slot: torch.Tensor,
+    visible: torch.Tensor,
+    rotation: torch.Tensor | None,
+    cache: KVCache,
+) -> torch.Tensor:
+    """`residual + attn(h)` for one new position per row (h, residual: (B, C)) whose key and value go to the
+    cache's `slot` (a 0-d tensor), attending to the cache's first L slots with the additive mask `visible`,
+    (1, 1, L) or per head (B * H, 1, L) with ALiBi's bias: 0 (or the bias) or -inf; `rotation` is RoPE's
+    (3, D, D) for this position."""
+    B, C = h.shape
+    qkv = decode_linear(h, attn.qkv, cache.matrices.get(attn.qkv)).view(B, 3, attn.n_head, attn.head_dim)
+    if rotation is not None:  # q and k rotated, v as it was: one product (rows of all samples, not a broadcast
+        # of `rotation` over the batch, which would copy it B times)
+        rows = qkv.transpose(0, 1).reshape(3, B * attn.n_head, attn.head_dim)
+        qkv = torch.bmm(rows, rotation).view(3, B, attn.n_head, attn.head_dim).transpose(0, 1)
+    kv = cache.kv[attn.layer]
+    kv.index_copy_(3, slot.view(1), qkv[:, 1:].transpose(0, 1).unsqueeze(3))  # this key and value
+    # one query per head: three small products beat the fused kernel's fixed cost here (~30 vs ~100 us)
+    span = visible.shape[-1]  # the slots attended to: the filled ones, or the whole cache when compiled
+    keys, values = (t.view(B * attn.n_head, -1, attn.head_dim)[:, :span] for t in kv)
+    q = qkv[:, 0].reshape(B * attn.n_head, 1, attn.head_dim)
+    scores = torch.baddbmm(visible, q, keys.transpose(1, 2), alpha=attn.head_dim**-0.5)
+    y = torch.bmm(scores.softmax(dim=-1), values)
+    return decode_linear(y.view(B, C), attn.proj, cache.matrices.get(attn.proj), residual)
+
+
+def block_step(block: Block, x: torch.Tensor, slot, visible, rotation, cache: KVCache) -> torch.Tensor:
+    """`block(x)` with a cache for one new position per row, `x` of shape (B, C), in inference (no dropout)."""
+    x = attention_step(block.attn, block.ln_1(x), x, slot, visible, rotation, cache)
+    fc, proj = block.mlp.fc, block.mlp.proj
+    # with float16 copies, GELU in float16: the next product rounds its input to float16 anyway, and PyTorch's
+    # float16 GELU on a CPU is ~3x faster than its float32 one for one row (4 vs 15 us at 1,536 values)
+    h = F.gelu(decode_linear(block.ln_2(x), fc, cache.matrices.get(fc), keep_copy_dtype=True))
+    return decode_linear(h, proj, cache.matrices.get(proj), x)
+
+
+# A decoding step's products have one row per sample. On a CPU, MKL runs such a product on one core; split into
+# row blocks of the weight as a batched product, it spreads over all of them (base, 2 cores: 4.5 vs 6.5 ms for the
+# weights of a whole step with one row, 6.7 vs 11 ms with eight).
+DECODE_ROW_BLOCKS = 8
+DECODE_MAX_ROWS = 16  # beyond this, a plain product is efficient
+
+
+def decode_linear(
+    x: torch.Tensor,
+    linear: nn.Linear,
+    matrix: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    keep_copy_dtype: bool = False,
+) -> torch.Tensor:
+    """`residual + linear(x)` (or `linear(x)`) for x of shape (B, in), as fast as a decoding step allows;
+    `matrix` replaces `linear.weight` when given (a float16 copy, or float16 weights packed for FBGEMM: see
+    `decoding_matrices`). The result is in the weight's dtype, or with `keep_copy_dtype` (and no residual) in the
+    copy's, for a next product with a copy."""
+    if isinstance(matrix, torch.ScriptObject):  # packed float16 weights: FBGEMM's kernel, fp32 in and out
+        out = torch.ops.quantized.linear_dynamic_fp16(x, matrix)
+        if residual is not None:
+            out += residual
+        return out if linear.bias is None else out + linear.bias
+    weight = linear.weight if matrix is None else matrix
+    B = x.shape[0]
+    out_features, in_features = weight.shape
+    if weight.dtype != linear.weight.dtype:  # a reduced-precision copy: PyTorch's one-row kernel, fp32 accumulation
+        out = F.linear(x.to(weight.dtype), weight)
+        if residual is not None:
+            out = torch.add(residual, out)
+        elif not keep_copy_dtype:
+            out = out.to(linear.weight.dtype)
+    elif B <= DECODE_MAX_ROWS and x.device.type == "cpu" and out_features % DECODE_ROW_BLOCKS == 0:
+        k, block = DECODE_ROW_BLOCKS, out_features // DECODE_ROW_BLOCKS
+        blocks = weight.view(k, block, in_features).transpose(1, 2)  # (k, in, out / k), a view
+        rows = x.view(1, B, in_features).expand(k, B, in_features)
+        if residual is None:
+            out = torch.bmm(rows, blocks)
+        else:
+            out = torch.baddbmm(residual.view(B, k, block).transpose(0, 1), rows, blocks)
+        out = out.view(1, out_features) if B == 1 else out.transpose(0, 1).reshape(B, out_features)
+    elif residual is None:
+        out = F.linear(x, weight)
+    else:
+        out = torch.addmm(residual, x, weight.t())
+    return out if linear.bias is None else out + linear.bias
+
+
+def decoding_matrices(
+    model: nn.Module, batch_size: int, compile: bool = False
+) -> dict[nn.Module, torch.Tensor | torch.ScriptObject]:
+    """float16 versions of the model's `nn.Linear` weights, for `KVCache(matrices=...)`, where they make
+    one-position steps faster: on a CPU, for a float32 model. A step there is bound by reading the weights, and
+    float16 halves the bytes read:
+
+    - one row: float16 copies, for PyTorch's float16 one-row kernel (base: 2.2 vs 4.5 ms for a whole step's
+      weights on a 2-core EPYC);
+    - 2 to DECODE_MAX_ROWS rows, not compiled: the same float16 weights packed for FBGEMM's float16-weight,
+      float32-activation product, which widens them in registers (base, eight rows: 2.7 vs 6.1 ms for the float32
+      row-block products, where PyTorch's own float16 kernel takes ~10 ms). torch.compile does not trace packed
+      weights, so a compiled step with several rows keeps the float32 ones.
+
+    Elsewhere (or with weights beyond float16's range, or no FBGEMM) it returns {} and steps use the weights as they
+    are. Either way each weight is rounded to 11 significant bits and the products accumulate in float32: logits
+    move by about 1e-3 of their size."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears or any(m.weight.device.type != "cpu" for m in linears):
+        return {}
+    packed = batch_size > 1
+    if packed and (
+        batch_size > DECODE_MAX_ROWS or compile or "fbgemm" not in torch.backends.quantized.supported_engines
+    ):
+        return {}
+    weights = [m.weight.detach() for m in linears]
+    if any(w.dtype != torch.float32 or w.abs().max() >= torch.finfo(torch.float16).max for w in weights):
+        return {}
+    if not packed:
+        return {m: w.to(torch.float16) for m, w in zip(linears, weights, strict=True)}
+    try:
+        return {m: torch.ops.quantized.linear_prepack_fp16(w, None) for m, w in zip(linears, weights, strict=True)}
+    except RuntimeError:  # FBGEMM refuses a CPU without AVX2
+        return {}
+
+
+def sliding_cache(model: Transformer) -> bool:
+    """Whether decoding can go on past the context in the same KV cache, a ring buffer of the most recent
+    `seq_length` positions. With RoPE or ALiBi a score depends only on the distance between query and key, so
+    a key keeps its meaning when older ones are dropped; absolute positions stop at `seq_length`, and without
+    any encoding the model may count from the start of its context, so those rebuild the cache instead."""
+    return model.rope is not None or model.alibi is not None
+
+
+def rewind_cache(model: Transformer, cache: KVCache) -> None:
+    """Moves every position in a full sliding cache back by `cache.max_length` (RoPE's keys rotated back by that
+    many positions; ALiBi's bias follows distances and needs nothing), so positions stay below 2 x max_length
+    however long the text. Called when `cache.length` reaches 2 x max_length: by then every key was written
+    since the last call, so none is rotated twice."""
+    if model.rope is not None:
+        rotations = model.rope.decoding_rotations(decoding_positions(cache.max_length), cache.kv[0].dtype)
+        back = rotations[cache.max_length, 1].T  # a rotation's inverse is its transpose
+        for kv in cache.kv:
+            kv[0].copy_(kv[0] @ back)
+    cache.length -= cache.max_length
+
+
+def decode_step(model: Transformer, ids: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits (B, vocab_size) for one new id per row, `ids` of shape (B,), at `position` (a 0-d long tensor, the
+    cache's length): `model(ids[:, None], cache)[:, -1]` in a third of the operations. The caller advances
+    `cache.length`. Inference only. Past `cache.max_length` (with a `sliding_cache` only), the key and value
+    overwrite the oldest position's slot.
+
+    Eager, attention reads only the filled part of the cache; compiled (`torch.compile`), the whole cache under a
+    mask, so that no shape depends on the position and the step compiles once (`generate(compile=True)`)."""
+    x = model.token_embedding(ids)
+    at = position.view(1)  # rows are looked up with index_select: indexing by a tensor is data-dependent to compile
+    if isinstance(model.position, SinusoidalPositionalEncoding):
+        x = x * model.embedding_scale + model.position.table.index_select(0, at)
+    elif model.position is not None:
+        x = x + model.position.weight.index_select(0, at)
+    rotation = None
+    if model.rope is not None:
+        table = model.rope.decoding_rotations(decoding_positions(cache.max_length), x.dtype)
+        rotation = table.index_select(0, at).squeeze(0)
+    slot = position % cache.max_length  # past max_length, a sliding cache's oldest slot
+    # the slots attended to; eager, the filled ones (the position's, and those before it or, once the cache has
+    # slid, all): at batch 8, a quarter of a step's time goes to reading keys and values
+    span = cache.max_length if torch.compiler.is_compiling() else min(cache.length + 1, cache.max_length)
+    slots = cache.positions[:span]
+    # 0 where a key is visible, -inf on a slot not yet filled: built once per step, added to every layer's scores
+    if model.alibi is not None:  # with ALiBi's bias, per head: (B * H, 1, span), the attention products' layout
+        # each filled slot's position: the most recent one at or before `position` that maps to it
+        keys_at = torch.where(slots > position, slots, position - (position - slots) % cache.max_length)
+        bias = model.alibi.bias(position.view(1), keys_at, x.dtype)  # (H, 1, span), -inf on the unfilled slots
+        visible = bias.expand(x.shape[0], *bias.shape).reshape(-1, 1, bias.shape[-1])
+    else:
+        visible = torch.zeros_like(slots, dtype=x.dtype).masked_fill_(slots > position, -math.inf)
+        visible = visible.view(1, 1, -1)
+    for block in model.blocks:
+        x = block_step(block, x, slot, visible, rotation, cache)
+    return decode_linear(model.ln_f(x), model.head, cache.matrices.get(model.head))
