@@ -87,9 +87,9 @@ def test_last_checkpoint_is_the_latest_step_even_when_val_loss_stops_improving(t
     assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == 2
 
 
-def interrupt_after_steps(overrides: list[str], outputs: Path, log: Path, steps: int, signum: int) -> int:
-    """Starts `scripts/train.py` with `overrides`, sends `signum` once `steps` training steps are logged, and returns
-    the exit status (the run's output goes to `log`)."""
+def start_and_wait_for_steps(overrides: list[str], outputs: Path, out, steps: int, **popen) -> subprocess.Popen:
+    """Starts `scripts/train.py` with `overrides` (its output to the file `out`) and returns once `steps` training
+    steps are logged (or it ended, or two minutes passed)."""
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "train.py"),
@@ -99,14 +99,21 @@ def interrupt_after_steps(overrides: list[str], outputs: Path, log: Path, steps:
         "trainer.log_every_n_steps=1",
         "+logger.csv.flush_logs_every_n_steps=1",  # a row per step on disk: what this waits for
     ]
+    process = subprocess.Popen(cmd, stdout=out, stderr=out, env={**os.environ, "PYTHONWARNINGS": "ignore"}, **popen)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        logs = list(outputs.glob("runs/*/csv/metrics.csv"))
+        if logs and len(logs[0].read_text().splitlines()) > steps:
+            break
+        time.sleep(0.02)
+    return process
+
+
+def interrupt_after_steps(overrides: list[str], outputs: Path, log: Path, steps: int, signum: int) -> int:
+    """Sends `signum` to a run once `steps` training steps are logged, and returns its exit status (its output goes
+    to `log`)."""
     with open(log, "w") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=out, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            logs = list(outputs.glob("runs/*/csv/metrics.csv"))
-            if logs and len(logs[0].read_text().splitlines()) > steps:
-                break
-            time.sleep(0.02)
+        process = start_and_wait_for_steps(overrides, outputs, out, steps)
         process.send_signal(signum)
         return process.wait(timeout=120)
 
@@ -138,27 +145,16 @@ def live_processes(group: int) -> list[str]:
 def test_a_signal_stops_every_ddp_process_at_one_step_and_leaves_none_behind(tmp_path, corpus, signum, to):
     # "group": a terminal's Ctrl-C; "each": SLURM or torchrun signalling every task; "rank 1": one process only
     outputs, log = tmp_path / "outputs", tmp_path / "output.txt"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        f"paths.output_dir={outputs}",
+    overrides = [
         f"data.path={corpus}",
         *FAST,
         "trainer=ddp",
         "trainer.max_steps=100000",
         "trainer.val_check_interval=5",
-        "trainer.log_every_n_steps=1",
-        "+logger.csv.flush_logs_every_n_steps=1",
     ]
     with open(log, "w") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+        process = start_and_wait_for_steps(overrides, outputs, out, 12, start_new_session=True)
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and process.poll() is None:
-                logs = list(outputs.glob("runs/*/csv/metrics.csv"))
-                if logs and len(logs[0].read_text().splitlines()) > 12:
-                    break
-                time.sleep(0.05)
             ranks = [int(line.split()[0]) for line in live_processes(process.pid)]
             assert len(ranks) == 2, log.read_text()[-2000:]
             if to == "group":
