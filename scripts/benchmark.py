@@ -42,7 +42,7 @@ from lm.module import LanguageModel, cosine_schedule
 from lm.optim import parameter_groups
 from lm.tokenizer import CharTokenizer
 
-# Sizes and batch shapes as the presets in conf/ use them (mini: the fp32 default run's, FP32_RECIPE in train.py;
+# Sizes and batch shapes as the presets in conf/ use them (mini: the CPU default run's, CPU_RECIPE in train.py;
 # base: nanoGPT's Shakespeare-char run).
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, seq_length=64, batch_size=8, dropout=0.0),

@@ -323,36 +323,32 @@ def test_on_a_gpu_the_default_run_is_nanogpts_size_with_muon_compiled_for_1500_s
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_the_default_run_is_sized_for_the_machine(monkeypatch, native_bf16):
+def test_on_a_cpu_the_default_run_is_the_cpu_recipe_with_or_without_bf16(monkeypatch, native_bf16):
     import train  # scripts/train.py
 
     monkeypatch.setattr(train, "training_device_type", lambda accelerator: "cpu")
     monkeypatch.setattr("lm.hardware.cpu_supports_bf16", lambda: native_bf16)
-    recipe = [] if native_bf16 else [f"{k}={v}" for k, v in train.FP32_RECIPE.items()]
-    assert "model=mini" in recipe or native_bf16
+    recipe = [f"{k}={v}" for k, v in train.CPU_RECIPE.items()]
+    assert "model=mini" in recipe and "optimizer=muon" in recipe
     assert train.recipe_for_this_machine(["train.py"]) == ["train.py", *recipe]
     multirun = ["train.py", "-m", "pos_encoding=learned,rope"]
     assert train.recipe_for_this_machine(multirun) == ["train.py", "-m", *recipe, "pos_encoding=learned,rope"]
     # the overrides stay together, so flags after them still parse
     assert train.recipe_for_this_machine(["train.py", "seed=1", "--cfg", "job"])[-3:] == ["seed=1", "--cfg", "job"]
-    # an explicit size, recipe or precision decides instead
+    # an explicit size or recipe decides instead
     for argv in (
         ["train.py", "model=small"],
         ["train.py", "experiment=shakespeare_hour"],
         ["train.py", "debug=default"],
     ):
         assert train.recipe_for_this_machine(argv) == argv
-    bf16 = ["train.py", "trainer.precision=bf16-mixed"]
-    assert train.recipe_for_this_machine(bf16) == bf16
     # your own value for a key wins; an optimizer of your choosing keeps its own learning rate
-    fp32 = train.recipe_for_this_machine(
-        ["train.py", "trainer.precision=32-true", "optimizer=adafactor", "data.batch_size=4"]
-    )
-    added = fp32[1:-3]
+    mine = train.recipe_for_this_machine(["train.py", "optimizer=adafactor", "data.batch_size=4"])
+    added = mine[1:-2]
     assert "model=mini" in added and not any(a.startswith(("optimizer", "data.batch_size")) for a in added)
     # another setting of the recipe's optimizer keeps the recipe's optimizer and its learning rate
-    tweaked = train.recipe_for_this_machine(["train.py", "trainer.precision=32-true", "optimizer.weight_decay=0"])
-    assert {"optimizer=muon", f"optimizer.lr={train.FP32_RECIPE['optimizer.lr']}"} <= set(tweaked[1:-2])
+    tweaked = train.recipe_for_this_machine(["train.py", "optimizer.weight_decay=0"])
+    assert {"optimizer=muon", f"optimizer.lr={train.CPU_RECIPE['optimizer.lr']}"} <= set(tweaked[1:-1])
 
 
 @pytest.mark.parametrize(
