@@ -65,16 +65,32 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
 
 def log_into_resumed_run(argv: list[str]) -> list[str]:
-    """`resume=<run dir>` continues in that run's directory, so its logs and checkpoints stay in one place. Hydra
-    does not write its .hydra/ files there (they would replace the run's own before the resume is checked):
-    train() keeps the resumed run's settings beside them once the checkpoint is accepted."""
+    """`resume=<run dir>` continues that run with its own settings, in its directory, so its logs and checkpoints
+    stay in one place: the run's overrides (.hydra/overrides.yaml) come first, then the command's, which win. Hydra
+    does not write its .hydra/ files there (they would replace the run's own before the resume is checked): train()
+    keeps the resumed run's settings beside them once the checkpoint is accepted."""
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if not resume or any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
     run_dir = Path(resume[-1].rstrip("/"))
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         return argv  # not a run: train() says so, and no directory gets created at that path
-    return [*argv, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    given = {override_key(a) for a in argv[1:] if "=" in a and not a.startswith("-")}
+    previous = []
+    if (overrides := run_dir / ".hydra" / "overrides.yaml").is_file():
+        previous = [
+            o
+            for o in OmegaConf.to_container(OmegaConf.load(overrides))
+            if override_key(o) not in given and not override_key(o).startswith(("hydra.", "paths.", "resume", "ckpt_"))
+        ]
+    # before the first override of the command: Hydra's parser wants all overrides together
+    at = next((i for i, a in enumerate(argv) if i > 0 and "=" in a and not a.startswith("-")), len(argv))
+    return [*argv[:at], *previous, *argv[at:], f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+def override_key(override: str) -> str:
+    """`model` for `model=tiny`, `trainer.max_steps` for `+trainer.max_steps=5`."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def keep_resumed_settings(cfg: DictConfig, step: int) -> None:

@@ -183,3 +183,15 @@ def test_background_checkpoints_are_point_in_time_and_a_failed_write_stops_the_n
     with pytest.raises(lm.callbacks.CheckpointWriteError, match="Could not write .*b.ckpt"):
         writer.save_checkpoint({"weights": weights}, tmp_path / "d.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
+
+
+def test_resume_takes_the_runs_own_settings_so_only_what_changes_is_said(tmp_path, trained):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)  # tiny model, 32-character context, its own corpus: none of it said again
+    result = run_train([f"resume={run}", "trainer.max_steps=12"], tmp_path)
+    assert "2 layers x 32 wide" in result.stderr and not (tmp_path / "outputs").exists()
+    assert last_checkpoint(run)["global_step"] == 12
+    resumed = (run / ".hydra" / "resumed_at_10" / "overrides.yaml").read_text()
+    assert "model=tiny" in resumed and "trainer.max_steps=12" in resumed and "trainer.max_steps=10" not in resumed
