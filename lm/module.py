@@ -126,6 +126,10 @@ class LanguageModel(L.LightningModule):
         checkpoint never holds the diverged weights). On a CPU reading costs nothing: the run stops at that step.
         """
         loss = loss.detach()
+        if self.read_divergence_every_step:
+            if not torch.isfinite(loss):
+                self.diverged(self.global_step + 1, float(loss))
+            return
         bad = ~torch.isfinite(loss)
         if self._divergence is None:
             self._divergence = (torch.zeros((), dtype=torch.long, device=loss.device), torch.zeros_like(loss))
@@ -135,13 +139,15 @@ class LanguageModel(L.LightningModule):
             torch.where(new, self.global_step + 1, first_step),
             torch.where(new, loss, first_loss),
         )
-        if self.read_divergence_every_step or self.trainer._logger_connector.should_update_logs:
+        if self.trainer._logger_connector.should_update_logs:
             self.raise_if_diverged()
 
     def raise_if_diverged(self) -> None:
-        if self._divergence is None or not int(self._divergence[0]):
-            return
-        step, loss = int(self._divergence[0]), float(self._divergence[1])
+        """Raises for a bad step recorded on the device (see `watch_for_divergence`), if there is one."""
+        if self._divergence is not None and int(self._divergence[0]):
+            self.diverged(int(self._divergence[0]), float(self._divergence[1]))
+
+    def diverged(self, step: int, loss: float) -> None:
         raise TrainingDivergedError(
             f"The training loss became {loss} at step {step}; lower optimizer.lr or keep gradient clipping on "
             "(trainer.gradient_clip_val). Checkpoints written before this step are intact."
