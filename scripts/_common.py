@@ -93,10 +93,17 @@ def job_name(overrides: str) -> str:
     return short_name("+".join(varying or items))
 
 
+def tokens_per_row(tokens: int, seq_length: int) -> int:
+    """Rows of `seq_length` in `tokens` characters (at least one): the studies' batch size, so that a study can
+    vary the context and keep the characters per step (context_study)."""
+    return max(1, int(tokens) // int(seq_length))
+
+
 if not OmegaConf.has_resolver("lm_suffix"):
     # "_<overrides>" for run directory names, nothing when there are no overrides
     OmegaConf.register_new_resolver("lm_suffix", lambda s: f"_{short_name(s)}" if s else "")
     OmegaConf.register_new_resolver("lm_name", job_name)
+    OmegaConf.register_new_resolver("lm_div", tokens_per_row)
 
 
 def full_errors() -> bool:

@@ -291,6 +291,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "global_step": trainer.global_step,
             "fit_seconds": fit_seconds,
             "tokens_per_step": datamodule.batch_size * datamodule.seq_length * trainer.world_size,
+            # forward and backward, attention included (counted on a meta-device copy): the x axis of loss-vs-compute
+            "flops_per_step": module.flops_per_batch * trainer.accumulate_grad_batches * trainer.world_size,
             "parameters": module.model.num_parameters(),
             "seq_length": config.seq_length,
             "threads": torch.get_num_threads(),
