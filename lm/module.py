@@ -269,7 +269,7 @@ class LanguageModel(L.LightningModule):
             torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
     def data_info(self) -> dict:
-        """Which corpus and split this model was trained on, so evaluation can find the validation split."""
+        """Which corpus and splits this model was trained on, so evaluation can find the validation and test splits."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or datamodule.corpus is None:
             return {}
@@ -277,6 +277,9 @@ class LanguageModel(L.LightningModule):
             "path": str(datamodule.corpus_path.resolve()),
             "sha256": datamodule.corpus.sha256,
             "val_fraction": datamodule.val_fraction,
+            "split_sizes": datamodule.split_sizes,
+            "train_fraction": datamodule.train_fraction,
+            "encoding": datamodule.encoding,
             "seq_length": datamodule.seq_length,
             "batch_size": datamodule.batch_size,
         }

@@ -53,7 +53,10 @@ class JobRecord:
         return next((o.split("=", 1)[1] for o in self.overrides if o.split("=", 1)[0] == "seed"), None)
 
 
-def read_curves(run_dir: Path, tags: tuple[str, ...] = ("val/loss", "speed/tokens_per_sec")) -> dict[str, Curve]:
+CURVES = ("val/loss", "train/loss", "speed/tokens_per_sec")
+
+
+def read_curves(run_dir: Path, tags: tuple[str, ...] = CURVES) -> dict[str, Curve]:
     """All logged values of `tags` from the run's event files (every point: size_guidance 0 lifts the sampling)."""
     if not any(run_dir.glob("events.out.tfevents.*")):
         return {}
@@ -120,9 +123,15 @@ def _evaluation(job: JobRecord, multiple: int) -> float | None:
     return None
 
 
+def _train_loss(job: JobRecord) -> float | None:
+    results = job.summary.get("train_evaluations") or []
+    return results[0]["loss"] if results else None
+
+
 def sweep_table(sweep_dir: Path | str, jobs: list[JobRecord] | None = None) -> list[dict]:
     """One row per configuration: mean and std over its finished seeds of the final and best validation loss,
-    bits per character, the loss at 2x and 4x the training context, tokens/s and wall time."""
+    bits per character, the loss at 2x and 4x the training context, the final loss on the training data and its
+    gap to validation (when the jobs measured it: final_eval.train_split), tokens/s and wall time."""
     jobs = load_sweep(sweep_dir) if jobs is None else jobs
     rows = []
     for label in dict.fromkeys(job.label for job in jobs):
@@ -131,12 +140,19 @@ def sweep_table(sweep_dir: Path | str, jobs: list[JobRecord] | None = None) -> l
         metrics = [j.summary["metrics"] for j in done]
         row = {"configuration": label, "seeds": len(done), "jobs": len(group)}
         row["parameters"] = done[0].summary.get("parameters") if done else None
+        row["context"] = done[0].summary.get("seq_length") if done else None
+        train_losses = [_train_loss(j) for j in done]
         columns = {
             "val_loss": [m.get("val/loss") for m in metrics],
             "best_val_loss": [m.get("val/best_loss", m.get("val/loss")) for m in metrics],
             "val_bpc": [m.get("val/bpc") for m in metrics],
             "val_loss_2x": [_evaluation(j, 2) for j in done],
             "val_loss_4x": [_evaluation(j, 4) for j in done],
+            "train_loss": train_losses,
+            "gap": [
+                m.get("val/loss") - t if t is not None and m.get("val/loss") is not None else None
+                for m, t in zip(metrics, train_losses, strict=True)
+            ],
             "tokens_per_s": [
                 float(np.mean(j.curves["speed/tokens_per_sec"].values)) if "speed/tokens_per_sec" in j.curves else None
                 for j in done
@@ -155,25 +171,108 @@ def _cell(mean: float | None, std: float | None, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
 
 
+COLUMNS = {  # key: (header, digits); columns with no value in any row are left out
+    "val_loss": ("val loss", 4),
+    "best_val_loss": ("best val loss", 4),
+    "val_bpc": ("val bpc", 4),
+    "val_loss_2x": ("loss @2x ctx", 4),
+    "val_loss_4x": ("loss @4x ctx", 4),
+    "train_loss": ("train loss", 4),
+    "gap": ("val - train", 4),
+    "tokens_per_s": ("tokens/s", 0),
+    "wall_s": ("wall s", 0),
+}
+
+
 def markdown_table(rows: list[dict]) -> str:
-    header = (
-        "| configuration | params | seeds | val loss | best val loss | val bpc | loss @2x ctx | loss @4x ctx "
-        "| tokens/s | wall s |"
-    )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    columns = [k for k in COLUMNS if k in ("val_loss", "val_bpc") or any(r[k] is not None for r in rows)]
+    header = "| configuration | params | seeds | " + " | ".join(COLUMNS[k][0] for k in columns) + " |"
+    lines = [header, "|---|" + "---:|" * (len(columns) + 2)]
     for r in rows:
         params = f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "-"
         seeds = f"{r['seeds']}" if r["seeds"] == r["jobs"] else f"{r['seeds']} of {r['jobs']}"
         cells = [r["configuration"], params, seeds]
-        for name in ("val_loss", "best_val_loss", "val_bpc", "val_loss_2x", "val_loss_4x", "tokens_per_s", "wall_s"):
-            cells.append(_cell(r[name], r[f"{name}_std"], 0 if name in ("tokens_per_s", "wall_s") else 4))
+        cells += [_cell(r[k], r[f"{k}_std"], COLUMNS[k][1]) for k in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+@dataclass
+class PowerLaw:
+    """L = a N^-exponent, fitted by least squares in log-log over every finished job (each seed one point)."""
+
+    a: float
+    exponent: float
+    exponent_se: float  # the slope's standard error
+    points: int
+
+    def __call__(self, n):
+        return self.a * np.asarray(n, dtype=float) ** -self.exponent
+
+    def __str__(self) -> str:
+        return f"L = {self.a:.3f} N^-({self.exponent:.4f} ± {self.exponent_se:.4f})"
+
+
+def fit_power_law(parameters: list[float], losses: list[float]) -> PowerLaw:
+    """Fits log L = log a - b log N; b's uncertainty is the usual standard error of a least-squares slope."""
+    x, y = np.log(np.asarray(parameters, dtype=float)), np.log(np.asarray(losses, dtype=float))
+    slope, intercept = np.polyfit(x, y, 1)
+    residuals = y - (intercept + slope * x)
+    dof = len(x) - 2
+    se = float(np.sqrt(residuals @ residuals / dof / np.sum((x - x.mean()) ** 2))) if dof > 0 else float("nan")
+    return PowerLaw(float(np.exp(intercept)), float(-slope), se, len(x))
+
+
+def _sizes_vary(jobs: list[JobRecord]) -> list[JobRecord]:
+    """The finished jobs, when model size varies 2x or more across them (not, say, by a learned position table)."""
+    done = [j for j in jobs if j.status == "finished" and j.summary.get("parameters") and j.summary.get("metrics")]
+    sizes = [j.summary["parameters"] for j in done]
+    return done if sizes and max(sizes) >= 2 * min(sizes) else []
+
+
+def compute_curves(jobs: list[JobRecord], labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each configuration's validation curve against training FLOPs (step x FLOPs per step), mean over seeds."""
+    curves = {}
+    for label in labels:
+        group = [j for j in jobs if j.label == label and "val/loss" in j.curves and j.summary.get("flops_per_step")]
+        if not group:
+            continue
+        n = min(len(j.curves["val/loss"].values) for j in group)
+        flops = np.array(group[0].curves["val/loss"].steps[:n], dtype=float) * group[0].summary["flops_per_step"]
+        loss = np.mean([j.curves["val/loss"].values[:n] for j in group], axis=0)
+        keep = flops > 0
+        curves[label] = (flops[keep], loss[keep])
+    return curves
+
+
+def frontier_crossings(curves: dict[str, tuple[np.ndarray, np.ndarray]], order: list[str]) -> list[str]:
+    """Where, in training FLOPs, each size's curve drops below the next smaller one's (interpolated in log-log,
+    within the FLOPs both reached): the compute-efficient frontier passing from one size to the next."""
+    lines = []
+    for small, large in zip(order, order[1:], strict=False):
+        if small not in curves or large not in curves:
+            continue
+        (fs, ls), (fl, ll) = curves[small], curves[large]
+        lo, hi = max(fs[0], fl[0]), min(fs[-1], fl[-1])
+        if lo >= hi:
+            lines.append(f"{large} and {small} share no range of FLOPs: no crossing measured")
+            continue
+        grid = np.geomspace(lo, hi, 200)
+        diff = np.interp(np.log(grid), np.log(fl), np.log(ll)) - np.interp(np.log(grid), np.log(fs), np.log(ls))
+        below = np.flatnonzero(diff < 0)
+        if below.size == 0:
+            lines.append(f"{large} stays above {small} up to {hi:.2g} FLOPs (the end of their common range)")
+        elif below[0] == 0:
+            lines.append(f"{large} is below {small} from the first FLOPs they share ({lo:.2g})")
+        else:
+            lines.append(f"{large} drops below {small} at ~{grid[below[0]]:.2g} FLOPs")
+    return lines
+
+
 def write_report(sweep_dir: Path | str) -> dict[str, Path]:
-    """Writes results.md, results.csv, val_loss.png, extrapolation.png and (when model size varies) scaling.png
-    into the sweep dir; returns what it wrote."""
+    """Writes results.md, results.csv, val_loss.png, extrapolation.png and, as the sweep's data allows,
+    scaling.png and compute.png (model size varies), context.png (context length varies) and train_val.png (the
+    jobs measured their loss on the training data) into the sweep dir; returns what it wrote."""
     sweep_dir = Path(sweep_dir)
     jobs = load_sweep(sweep_dir)
     rows = sweep_table(sweep_dir, jobs)
@@ -194,13 +293,24 @@ def write_report(sweep_dir: Path | str) -> dict[str, Path]:
         "with 2x/4x the training context (n/a: learned positions cannot)."
     )
     lines += ["", markdown_table(rows) if rows else "No jobs found.", ""]
+    if sized := _sizes_vary(jobs):
+        law = fit_power_law([j.summary["parameters"] for j in sized], [j.summary["metrics"]["val/loss"] for j in sized])
+        lines.append(
+            f"Final validation loss against parameters N: {law}, by least squares in log-log over {law.points} jobs "
+            "(± the slope's standard error)."
+        )
+        order = [r["configuration"] for r in sorted(rows, key=lambda r: r["parameters"] or 0)]
+        if crossings := frontier_crossings(compute_curves(jobs, order), order):
+            lines += ["", "Validation loss against training FLOPs (compute.png):"]
+            lines += [f"- {line}" for line in crossings]
+        lines.append("")
     if not_finished:
         lines.append("Not finished (failed, or still running):")
         for job in not_finished:
             reason = job.summary.get("error", "no summary.json yet")
             lines.append(f"- `{job.path.name}` ({job.status}): {reason}")
         lines.append("")
-    for name in ("val_loss.png", "extrapolation.png", "scaling.png"):
+    for name in ("val_loss.png", "extrapolation.png", "scaling.png", "compute.png", "context.png", "train_val.png"):
         if name in written:
             lines.append(f"![{name}]({name})")
     written["results.md"].write_text("\n".join(lines) + "\n")
@@ -219,7 +329,10 @@ def _plots(sweep_dir: Path, jobs: list[JobRecord], rows: list[dict]) -> dict[str
     figures = {
         "val_loss.png": _loss_curves(plt, jobs, labels, colors),
         "extrapolation.png": _extrapolation(plt, jobs, labels, colors),
-        "scaling.png": _scaling(plt, rows),
+        "scaling.png": _scaling(plt, jobs, rows),
+        "compute.png": _compute(plt, jobs, rows, colors),
+        "context.png": _context(plt, rows),
+        "train_val.png": _train_val(plt, jobs, labels, colors),
     }
     written = {}
     for name, fig in figures.items():
@@ -285,27 +398,139 @@ def _extrapolation(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
     return fig
 
 
-def _scaling(plt, rows: list[dict]):
-    """Final loss against model size with a fitted power law L = a * N^-b, when the size varies 2x or more (not
-    just, say, by a learned position table)."""
-    sized = [r for r in rows if r["parameters"] and r["val_loss"] is not None]
-    sizes = [r["parameters"] for r in sized]
-    if not sizes or max(sizes) < 2 * min(sizes):
+def _scaling(plt, jobs: list[JobRecord], rows: list[dict]):
+    """Final loss against model size, with the fitted power law (`fit_power_law`), when the size varies 2x or more."""
+    sized = _sizes_vary(jobs)
+    if not sized:
         return None
+    law = fit_power_law([j.summary["parameters"] for j in sized], [j.summary["metrics"]["val/loss"] for j in sized])
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    n = np.array(sizes, dtype=float)
-    loss = np.array([r["val_loss"] for r in sized])
-    ax.errorbar(n, loss, yerr=[r["val_loss_std"] or 0 for r in sized], marker="o", linestyle="", capsize=3)
-    for r in sized:
+    ax.plot(
+        [j.summary["parameters"] for j in sized],
+        [j.summary["metrics"]["val/loss"] for j in sized],
+        "o",
+        alpha=0.35,
+        label="each seed",
+    )
+    means = [r for r in rows if r["parameters"] and r["val_loss"] is not None]
+    ax.errorbar(
+        [r["parameters"] for r in means],
+        [r["val_loss"] for r in means],
+        yerr=[r["val_loss_std"] or 0 for r in means],
+        marker="s",
+        linestyle="",
+        capsize=3,
+        color="black",
+        label="mean ± std",
+    )
+    for r in means:
         ax.annotate(r["configuration"], (r["parameters"], r["val_loss"]), fontsize=7, alpha=0.7)
-    slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
-    grid = np.geomspace(n.min(), n.max(), 50)
-    ax.plot(grid, np.exp(intercept) * grid**slope, "--", label=f"L = {np.exp(intercept):.2f} N^{slope:.3f}")
+    grid = np.geomspace(min(r["parameters"] for r in means), max(r["parameters"] for r in means), 50)
+    ax.plot(grid, law(grid), "--", label=str(law))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set(xlabel="parameters", ylabel="final validation loss (nats/char)", title="Scaling with model size")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _compute(plt, jobs: list[JobRecord], rows: list[dict], colors: dict):
+    """Each size's validation curve against training FLOPs, log-log, and their lower envelope (the
+    compute-efficient frontier), when model size varies."""
+    if not _sizes_vary(jobs):
+        return None
+    order = [r["configuration"] for r in sorted(rows, key=lambda r: r["parameters"] or 0)]
+    curves = compute_curves(jobs, order)
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (flops, loss) in curves.items():
+        ax.plot(flops, loss, marker=".", color=colors[label], label=label)
+    grid = np.geomspace(min(f[0] for f, _ in curves.values()), max(f[-1] for f, _ in curves.values()), 300)
+    envelope = np.full_like(grid, np.inf)
+    for flops, loss in curves.values():
+        inside = (grid >= flops[0]) & (grid <= flops[-1])
+        values = np.exp(np.interp(np.log(grid), np.log(flops), np.log(loss)))
+        envelope = np.where(inside, np.minimum(envelope, values), envelope)
+    finite = np.isfinite(envelope)
+    ax.plot(grid[finite], envelope[finite], "k--", linewidth=1, alpha=0.6, label="frontier (lowest at equal FLOPs)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="training FLOPs (forward + backward)", ylabel="validation loss (nats/char)")
+    ax.set_title("Loss against compute, each size (mean over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _context(plt, rows: list[dict]):
+    """Final validation loss against the training context, at that length and at twice it, one line per other
+    setting (e.g. the positional encoding), when the context length varies."""
+    with_context = [r for r in rows if r["context"] and r["val_loss"] is not None]
+    if len({r["context"] for r in with_context}) < 2:
+        return None
+    groups: dict[str, list[dict]] = {}
+    for r in with_context:
+        rest = " ".join(p for p in r["configuration"].split() if not p.startswith("data.seq_length=")) or "all runs"
+        groups.setdefault(rest, []).append(r)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (name, group) in enumerate(groups.items()):
+        group = sorted(group, key=lambda r: r["context"])
+        color = plt.cm.tab10(i % 10)
+        x = [r["context"] for r in group]
+        ax.errorbar(
+            x,
+            [r["val_loss"] for r in group],
+            yerr=[r["val_loss_std"] or 0 for r in group],
+            color=color,
+            marker="o",
+            capsize=3,
+            label=f"{name}, at the trained length",
+        )
+        at_2x = [(r["context"], r["val_loss_2x"], r["val_loss_2x_std"]) for r in group if r["val_loss_2x"] is not None]
+        if at_2x:
+            ax.errorbar(
+                [a for a, _, _ in at_2x],
+                [b for _, b, _ in at_2x],
+                yerr=[c or 0 for _, _, c in at_2x],
+                color=color,
+                marker="s",
+                linestyle="--",
+                capsize=3,
+                label=f"{name}, read at 2x",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="training context (characters)", ylabel="final validation loss (nats/char)")
+    ax.set_title("Context length at equal characters per step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _train_val(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
+    """Training loss (the logged batch losses, averaged between validations) and validation loss against steps,
+    mean over seeds, when the jobs measured their final loss on the training data."""
+    if not any(_train_loss(j) is not None for j in jobs):
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for label in labels:
+        group = [j for j in jobs if j.label == label and {"val/loss", "train/loss"} <= j.curves.keys()]
+        if not group:
+            continue
+        n = min(len(j.curves["val/loss"].values) for j in group)
+        val_steps = np.array(group[0].curves["val/loss"].steps[:n])
+        val = np.mean([j.curves["val/loss"].values[:n] for j in group], axis=0)
+        edges = np.concatenate([[0], val_steps])
+        train = []
+        for j in group:
+            steps, values = np.array(j.curves["train/loss"].steps), np.array(j.curves["train/loss"].values)
+            train.append([values[(steps > a) & (steps <= b)].mean() for a, b in zip(edges, edges[1:], strict=False)])
+        ax.plot(val_steps, val, color=colors[label], marker="o", label=f"{label}: validation")
+        ax.plot(val_steps, np.nanmean(train, axis=0), color=colors[label], linestyle="--", label=f"{label}: training")
+    ax.set(xlabel="step", ylabel="loss (nats/char)", title="Training and validation loss (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     return fig
 
 

@@ -21,7 +21,6 @@ class CharTokenizer:
             raise DataError("The vocabulary must be sorted unique characters.")
         self.vocab = vocab
         self._codepoints = np.array([ord(c) for c in vocab], dtype=np.uint32)
-        self._chars = np.array(list(vocab))
         # A direct lookup table is far faster than a binary search for the common case (no code point past
         # U+FFFF); -1 marks characters outside the vocabulary.
         self._table = None
@@ -66,7 +65,8 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         """Turns a sequence of ids (list, array or tensor) back into text."""
         ids = np.asarray(ids.tolist() if hasattr(ids, "tolist") else ids, dtype=np.int64)
-        return "".join(self._chars[ids].tolist())
+        # through code points, not a numpy str array: numpy drops a string's trailing "\x00", and byte corpora have it
+        return self._codepoints[ids].astype("<u4").tobytes().decode("utf-32-le", errors="surrogatepass")
 
 
 def text_to_codepoints(text: str) -> np.ndarray:

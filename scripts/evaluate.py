@@ -4,6 +4,7 @@
     python scripts/evaluate.py ckpt=outputs/runs/<run>/ context_lengths=[64,128,256,512]
     python scripts/evaluate.py ckpt=path/to/best.ckpt data.path=other_text.txt
     python scripts/evaluate.py ckpt=outputs/runs/<run>/ past_context=1000     # + predictions past the context
+    python scripts/evaluate.py ckpt=outputs/runs/<run>/ split=test            # the test split (enwik8, text8)
 
 Prints a Markdown table and writes it, with a JSON copy, next to the checkpoint.
 """
@@ -19,7 +20,7 @@ from _common import CONFIG_DIR, ROOT, report_errors, resolve_device
 from omegaconf import DictConfig
 
 from lm.checkpoint import CHECKPOINT_KEY, load_model, read_checkpoint
-from lm.data import encode_corpus
+from lm.data import ENCODINGS, encode_corpus, split_bounds
 from lm.errors import ConfigError, DataError, is_count, is_number
 from lm.evaluate import evaluate, past_context_losses, past_context_table, results_table, write_report
 from lm.hardware import bf16_supported
@@ -29,6 +30,10 @@ PAST_CONTEXT_STREAMS = 8  # stretches of the split read side by side for past_co
 
 def check_settings(cfg: DictConfig) -> None:
     """The settings that need no checkpoint, checked before one is loaded, so that a bad one fails at once."""
+    if cfg.split not in ("val", "test"):
+        raise ConfigError(f"split={cfg.split} must be val or test.")
+    if cfg.split == "test" and cfg.data.path is not None:
+        raise ConfigError("split=test reads the training corpus's test split; with data.path= the whole file is read.")
     if str(cfg.precision) not in ("auto", "bf16", "32"):
         raise ConfigError(f"precision={cfg.precision} must be auto, bf16 or 32.")
     if cfg.past_context is not None and not is_count(cfg.past_context):
@@ -62,7 +67,7 @@ def run(cfg: DictConfig) -> list[dict]:
         source = Path(cfg.data.path).expanduser()
         if not source.is_file():
             raise DataError(f"The evaluation file {source} does not exist; pass data.path= a text file.")
-        ids = tokenizer.encode(source.read_text(encoding="utf-8"))
+        ids = tokenizer.encode(source.read_text(encoding=ENCODINGS[data_info.get("encoding", "utf-8")]))
         split = f"all of {source}"
     else:
         corpus_path = data_info.get("path")
@@ -70,12 +75,23 @@ def run(cfg: DictConfig) -> list[dict]:
             raise DataError(f"{ckpt_path} does not record its training corpus; pass data.path= a text file.")
         if not Path(corpus_path).is_file():
             raise DataError(f"The training corpus {corpus_path} is not there any more; pass data.path= a text file.")
-        corpus = encode_corpus(corpus_path, ROOT / "data" / "cache")
+        encoding = data_info.get("encoding", "utf-8")
+        corpus = encode_corpus(corpus_path, ROOT / "data" / "cache", encoding=encoding)
         if corpus.tokenizer.vocab != tokenizer.vocab:
             raise DataError(f"{corpus_path} has changed since training (its vocabulary differs); pass data.path=.")
+        split_sizes = data_info.get("split_sizes")
         val_fraction = cfg.data.val_fraction or data_info["val_fraction"]
-        ids = corpus.ids[len(corpus.ids) - int(len(corpus.ids) * val_fraction) :]
-        split = f"validation split of {corpus_path} (last {val_fraction:.0%})"
+        bounds = split_bounds(len(corpus.ids), val_fraction, split_sizes)
+        if cfg.split not in bounds:
+            raise DataError(
+                f"The training corpus {corpus_path} has no test split (it was split into training and validation by "
+                "data.val_fraction); evaluate split=val, or train with data.split_sizes=[train,val,test]."
+            )
+        start, end = bounds[cfg.split]
+        ids = corpus.ids[start:end]
+        name = {"val": "validation", "test": "test"}[cfg.split]
+        where = f"characters {start}-{end}" if split_sizes else f"last {val_fraction:.0%}"
+        split = f"{name} split of {corpus_path} ({where})"
 
     lengths = cfg.context_lengths or [model.config.seq_length]
     lengths = [lengths] if isinstance(lengths, int | str) else list(lengths)  # context_lengths=512 means [512]
@@ -102,7 +118,8 @@ def run(cfg: DictConfig) -> list[dict]:
         print(f"\n{past_table}")
         table += f"\n\n{past_table}"
 
-    stem = Path(cfg.output) if cfg.output else ckpt_path.with_suffix("")
+    # the test split's report beside the validation one: best.test.eval.md
+    stem = Path(cfg.output) if cfg.output else ckpt_path.with_suffix(".test" if cfg.split == "test" else "")
     report = {
         "checkpoint": str(ckpt_path),
         "split": split,

@@ -284,7 +284,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             flush=True,
         )
     if trainer.is_global_zero and not trainer.interrupted:
-        evaluations = evaluate_final_model(cfg, module, datamodule, precision)
+        evaluations, train_evaluations = evaluate_final_model(cfg, module, datamodule, precision)
         summary = {
             "status": "finished",
             "metrics": metrics,
@@ -298,6 +298,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "threads": torch.get_num_threads(),
             "hparams": hparams,
             "evaluations": [r.to_dict() for r in evaluations],
+            "train_evaluations": [r.to_dict() for r in train_evaluations],
         }
         write_atomically(
             Path(cfg.paths.run_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))
@@ -355,7 +356,8 @@ def run_hparams(cfg: DictConfig, **resolved) -> dict:
         "name": hparams.pop("optimizer", None) or container["optimizer"]["_target_"].rsplit(".", 1)[-1],
         **{k: v for k, v in container["optimizer"].items() if not k.startswith("_")},
     }
-    hparams["data"] = {k: container["data"][k] for k in ("path", "seq_length", "batch_size", "val_fraction")}
+    keys = ("path", "seq_length", "batch_size", "val_fraction", "split_sizes", "train_fraction")
+    hparams["data"] = {k: container["data"].get(k) for k in keys}
     hparams["lr_schedule"] = {**container["lr_schedule"], "clock": resolved.pop("clock")}
     hparams["trainer"] = {
         **{k: container["trainer"][k] for k in ("gradient_clip_val", "accumulate_grad_batches", "devices")},
@@ -365,23 +367,40 @@ def run_hparams(cfg: DictConfig, **resolved) -> dict:
     return hparams
 
 
-def evaluate_final_model(cfg: DictConfig, module: LanguageModel, datamodule, precision: str) -> list:
+def evaluate_final_model(cfg: DictConfig, module: LanguageModel, datamodule, precision: str) -> tuple[list, list]:
     """With `final_eval.context_multiples` (e.g. [1, 2, 4]), the final model's loss on the validation split at
-    those multiples of the training context, written to <run dir>/final.eval.md and .json like evaluate.py's."""
+    those multiples of the training context, and with `final_eval.train_split`, on the start of the training data
+    it saw (as many characters as the validation split); written to <run dir>/final.eval.md and .json like
+    evaluate.py's. Returns (validation results, training-data results)."""
     multiples = list(cfg.final_eval.context_multiples or [])
-    if not multiples:
-        return []
     if not all(is_count(m) for m in multiples):
         raise ConfigError(f"final_eval.context_multiples={multiples} must be positive integers, e.g. [1,2,4].")
-    seq_length = module.config.seq_length
+    on_train = bool(cfg.final_eval.get("train_split", False))
+    if not multiples and not on_train:
+        return [], []
+    seq_length, batch_size = module.config.seq_length, cfg.final_eval.batch_size
     dtype = torch.bfloat16 if "bf16" in precision else None
-    ids = datamodule.split("val")
-    results = [evaluate(module.model, ids, m * seq_length, cfg.final_eval.batch_size, dtype) for m in multiples]
-    table = results_table(results, seq_length)
-    report = {"checkpoint": "final weights", "split": "validation split", "results": [r.to_dict() for r in results]}
-    write_report(Path(cfg.paths.run_dir) / "final", report, table, "The final model on the validation split")
-    print(f"[transformer-lm] final model at {', '.join(f'{m}x' for m in multiples)} context:\n{table}", file=sys.stderr)
-    return results
+    val = datamodule.split("val")
+    results = [evaluate(module.model, val, m * seq_length, batch_size, dtype) for m in multiples]
+    train = datamodule.split("train")[: len(val)]
+    train_results = [evaluate(module.model, train, seq_length, batch_size, dtype)] if on_train else []
+    tables = []
+    if results:
+        tables.append(f"Validation split:\n\n{results_table(results, seq_length)}")
+    if train_results:
+        tables.append(
+            f"Training data (its first {len(train)} characters):\n\n{results_table(train_results, seq_length)}"
+        )
+    table = "\n\n".join(tables)
+    report = {
+        "checkpoint": "final weights",
+        "split": "validation split",
+        "results": [r.to_dict() for r in results],
+        "train_results": [r.to_dict() for r in train_results],
+    }
+    write_report(Path(cfg.paths.run_dir) / "final", report, table, "The final model")
+    print(f"[transformer-lm] the final model:\n{table}", file=sys.stderr)
+    return results, train_results
 
 
 def sweep_job(cfg: DictConfig) -> dict[str, float]:

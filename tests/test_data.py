@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from lm.data import IGNORE_INDEX, CharDataModule, RandomWindowBatches, ValidationWindows, download, encode_corpus
+from lm.data import (
+    IGNORE_INDEX,
+    CharDataModule,
+    RandomWindowBatches,
+    ValidationWindows,
+    download,
+    encode_corpus,
+    split_bounds,
+)
 from lm.errors import ConfigError, DataError
 from lm.tokenizer import CharTokenizer
 
@@ -251,3 +259,89 @@ def test_cache_files_get_the_folders_usual_permissions(corpus):
         os.umask(umask)
     for path in _cache_files(corpus):
         assert path.stat().st_mode & 0o777 == 0o644, path  # 0666 less the umask, as for any new file
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Benchmark corpora: zip downloads, byte encoding, splits by size, the training fraction
+
+
+def _zipped(root: Path, name: str, member: str, body: bytes) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(root / name, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(member, body)
+
+
+def test_a_zipped_corpus_is_downloaded_extracted_checked_and_read_as_bytes(http_root, tmp_path):
+    import hashlib
+
+    root, url = http_root
+    # enwik8-like: XML with bytes that are not valid UTF-8, read one byte per symbol
+    body = (b"<page><title>Caf\xe9</title>\n<text>" + bytes(range(256)) + b"</text></page>\n") * 40
+    _zipped(root, "bench.zip", "bench", body)
+    settings = dict(url=f"{url}/bench.zip", name="bench", archive_member="bench", size=len(body), encoding="bytes")
+    n = len(body)
+    split_sizes = [n - 2000, 1000, 1000]
+    dm = CharDataModule(
+        data_dir=str(tmp_path / "data"),
+        sha256=hashlib.sha256(body).hexdigest(),
+        split_sizes=split_sizes,
+        seq_length=16,
+        **settings,
+    )
+    assert dm.tokenizer.vocab_size == 256  # every byte value occurs
+    assert (tmp_path / "data" / "bench").read_bytes() == body
+    assert not (tmp_path / "data" / "bench.zip").exists(), "the archive is deleted once the corpus is out"
+    assert [len(dm.split(s)) for s in ("train", "val", "test")] == split_sizes
+    assert dm.tokenizer.decode(dm.split("test")).encode("latin-1") == body[n - 1000 :]
+
+    # a wrong checksum or size discards the extracted file and says what to do
+    for bad in ({"sha256": "0" * 64}, {"sha256": None, "size": n + 1}):
+        data_dir = tmp_path / f"bad{len(bad)}{bad.get('size')}"
+        dm = CharDataModule(data_dir=str(data_dir), seq_length=16, **{**settings, "sha256": None, **bad})
+        with pytest.raises(DataError, match="sha256|bytes, expected") as error:
+            dm.load()
+        assert "discarded" in str(error.value) and not (data_dir / "bench").exists()
+
+
+def test_a_download_that_is_not_a_zip_says_so(http_root, tmp_path):
+    root, url = http_root
+    (root / "page.zip").write_text("<html>moved</html>")
+    dm = CharDataModule(
+        data_dir=str(tmp_path / "data"), url=f"{url}/page.zip", name="x", archive_member="x", sha256=None
+    )
+    with pytest.raises(DataError, match="not a zip archive holding x"):
+        dm.load()
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_split_bounds_by_size_and_by_fraction():
+    assert split_bounds(100, 0.1) == {"train": (0, 90), "val": (90, 100)}
+    assert split_bounds(100, 0.1, [80, 10, 5]) == {"train": (0, 80), "val": (80, 90), "test": (90, 95)}
+    with pytest.raises(DataError, match="asks for 101 characters"):
+        split_bounds(100, 0.1, [90, 10, 1])
+
+
+def test_train_fraction_trains_on_the_head_of_the_training_split_and_keeps_validation(corpus):
+    full = CharDataModule(path=str(corpus), seq_length=16, batch_size=4)
+    quarter = CharDataModule(path=str(corpus), seq_length=16, batch_size=4, train_fraction=0.25)
+    n_train = len(full.split("train"))
+    assert len(quarter.split("train")) == int(n_train * 0.25)
+    np.testing.assert_array_equal(quarter.split("train"), full.split("train")[: int(n_train * 0.25)])
+    np.testing.assert_array_equal(quarter.split("val"), full.split("val"))
+    with pytest.raises(DataError, match="no test split"):
+        full.split("test")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"train_fraction": 0}, "train_fraction"),
+        ({"train_fraction": 1.5}, "train_fraction"),
+        ({"split_sizes": [10, 10]}, "three positive"),
+        ({"encoding": "utf-16"}, "encoding"),
+    ],
+)
+def test_bad_split_settings_are_rejected(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        CharDataModule(**kwargs)

@@ -405,12 +405,54 @@ def test_evaluate_matches_training_and_reports_lengths(trained_run):
     assert "all of" in other.stderr and "| 16 |" in other.stdout  # one length without brackets is a list of one
 
 
+def test_evaluate_split_test_reads_the_held_out_tail_and_a_corpus_without_one_says_so(trained_run, tmp_path):
+    from conftest import make_corpus_text
+
+    from lm.checkpoint import load_model
+    from lm.evaluate import evaluate
+
+    # a corpus split by size, as enwik8 and text8 are: 6,000 training, 1,000 validation, 1,000 test characters
+    text = make_corpus_text(8000)
+    corpus = tmp_path / "bench.txt"
+    corpus.write_text(text)
+    run_script(
+        "train.py",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        f"data.path={corpus}",
+        "data.split_sizes=[6000,1000,1000]",
+        "model=tiny",
+        "data.seq_length=32",
+        "data.batch_size=8",
+        "trainer.max_steps=5",
+        "trainer.precision=32-true",
+        "callbacks.text_sample.max_new_tokens=0",
+        "callbacks.throughput.peak_flops=null",
+        "logger=csv",
+    )
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    result = run_script("evaluate.py", f"ckpt={run}", "split=test", "precision=32")
+    assert "test split of" in result.stderr and "characters 7000-8000" in result.stderr
+    report = json.loads(next(run.glob("checkpoints/*.test.eval.json")).read_text())
+    model, tokenizer = load_model(next(run.glob("checkpoints/*.test.eval.json")).parent / "last.ckpt")
+    expected = evaluate(model, tokenizer.encode(text[7000:]), 32, 16, None)
+    assert report["results"][0]["loss"] == pytest.approx(expected.loss, abs=1e-5)
+    assert report["results"][0]["tokens"] == 999
+
+    # Tiny Shakespeare's way (a validation tail by fraction) holds out no test split: one sentence, exit 1
+    old, _ = trained_run
+    refused = run_script("evaluate.py", f"ckpt={old}", "split=test", check=False)
+    assert refused.returncode == 1
+    assert "has no test split" in refused.stderr and "split=val" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
         ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
         ("data.val_fraction=1.5", "data.val_fraction=1.5 must be between 0 and 1"),
         ("precision=16", "precision=16 must be auto, bf16 or 32"),
+        ("split=train", "split=train must be val or test"),
         ("past_context=true", "past_context=True must be a positive"),
         ("output=/proc/no/such/x", "output=/proc/no/such/x: its folder cannot be made"),
     ],

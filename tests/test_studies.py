@@ -22,11 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import _common  # noqa: E402,F401  (registers the run-name resolvers the configs use)
 
-STUDIES = {
-    "pe_study": ("pos_encoding", ["learned", "sinusoidal", "rope", "alibi", "none"]),
-    "optimizer_study": ("optimizer", ["adamw", "adafactor", "muon"]),
-    "init_study": ("model.init", ["gpt2", "pytorch", "xavier"]),
-    "scaling_study": ("model", ["tiny", "mini", "small", "base"]),
+STUDIES = {  # what each varies, and the multiples of its context the final model is read at
+    "pe_study": ("pos_encoding", ["learned", "sinusoidal", "rope", "alibi", "none"], [1, 2, 4]),
+    "optimizer_study": ("optimizer", ["adamw", "adafactor", "muon"], [1, 2, 4]),
+    "init_study": ("model.init", ["gpt2", "pytorch", "xavier"], [1, 2, 4]),
+    "scaling_study": ("rung", ["w64", "w96", "w128", "w160", "w224"], [1]),
+    "context_study": ("data.seq_length", ["64", "128", "256", "512"], [1, 2]),
+    "data_study": ("data.train_fraction", ["0.125", "0.25", "0.5", "1.0"], [1]),
 }
 # a study shrunk to seconds: tiny model, a few steps, part of the validation split
 SHRINK = [*TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=3"]
@@ -39,24 +41,73 @@ def composed(*overrides: str):
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_each_study_composes_as_a_multirun_over_three_seeds(study):
-    key, values = STUDIES[study]
+    key, values, multiples = STUDIES[study]
     cfg = composed(f"experiment={study}")
     assert cfg.hydra.mode == RunMode.MULTIRUN, "one command, no -m needed"
     params = cfg.hydra.sweeper.params
     assert params[key].split(",") == values and params["seed"] == "1,2,3"
-    assert list(cfg.final_eval.context_multiples) == [1, 2, 4]
+    assert list(cfg.final_eval.context_multiples) == multiples
     assert f"/multirun/{study}/" in cfg.hydra.sweep.dir
     assert cfg.study_name == study and "compare.WriteReport" in cfg.hydra.callbacks.write_report._target_
+    # the CPU budget unless a study says otherwise: `mini`'s shape, 16 x 128 characters a step, AdamW
+    assert cfg.data.batch_size * cfg.data.seq_length == 2048 and cfg.optimizer._target_ == "torch.optim.AdamW"
 
 
-@pytest.mark.parametrize(
-    ("study", "choice", "lr"), [("optimizer_study", "adafactor", 8e-2), ("scaling_study", "base", 2e-3)]
-)
-def test_studies_pick_each_jobs_learning_rate_by_its_choice(study, choice, lr):
-    group = "optimizer" if study == "optimizer_study" else "model"
-    cfg = composed(f"experiment={study}", f"{group}={choice}")
+def test_studies_pick_each_jobs_learning_rate_by_its_choice():
+    cfg = composed("experiment=optimizer_study", "optimizer=adafactor")
     HydraConfig.instance().set_config(cfg)  # what a job sees: its own choices
-    assert OmegaConf.select(cfg, "optimizer.lr") == lr
+    assert OmegaConf.select(cfg, "optimizer.lr") == 8e-2
+
+
+def test_the_scaling_ladder_spans_30x_in_parameters_with_lr_times_width_constant():
+    from lm.model import Transformer, TransformerConfig
+
+    sizes, products = [], []
+    for rung in STUDIES["scaling_study"][1]:
+        cfg = composed("experiment=scaling_study", f"rung={rung}")
+        model = cfg.model
+        assert model.n_embd == model.n_head * 32 and model.dropout == 0.0
+        config = TransformerConfig(vocab_size=65, **{k: v for k, v in model.items() if k != "compile"})
+        sizes.append(Transformer(config).num_parameters())
+        products.append(cfg.optimizer.lr * model.n_embd)
+    assert sizes == sorted(sizes) and sizes[-1] / sizes[0] >= 30
+    assert products == pytest.approx([8e-3 * 128] * len(products), rel=1e-3), "the rule: lr = 8e-3 x 128 / width"
+
+
+def test_the_context_study_keeps_the_characters_per_step():
+    for length in STUDIES["context_study"][1]:
+        cfg = composed("experiment=context_study", f"data.seq_length={length}")
+        assert cfg.data.batch_size * cfg.data.seq_length == cfg.tokens_per_step == 2048
+    assert set(composed("experiment=context_study").hydra.sweeper.params.pos_encoding.split(",")) >= {"rope", "alibi"}
+    gpu = composed("experiment=context_study", "study=gpu", "data.seq_length=512")
+    assert gpu.data.batch_size * 512 == gpu.tokens_per_step == 64 * 256
+
+
+def test_the_data_study_measures_the_training_data_it_saw():
+    cfg = composed("experiment=data_study")
+    assert cfg.final_eval.train_split is True and cfg.data.val_fraction == 0.1  # the validation split unchanged
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_the_gpu_budget_composes_with_every_study(study):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    cfg = composed(f"experiment={study}", "study=gpu")
+    assert cfg.hydra.sweeper.params[STUDIES[study][0]].split(",") == STUDIES[study][1], "the study's own sweep"
+    assert cfg.model.compile == "auto" and cfg.tokens_per_step == 64 * 256
+    assert cfg.trainer.max_steps == {"context_study": 600, "data_study": 1000}.get(study, 1500), "a study's own length"
+    assert cfg.hydra.launcher.n_jobs == 3 and "Joblib" in cfg.hydra.launcher._target_
+    if study in ("pe_study", "init_study"):  # nanoGPT's Shakespeare size and data, Muon at 1e-2
+        assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.dropout) == (6, 384, 0.2)
+        assert (cfg.data.batch_size, cfg.data.seq_length) == (64, 256)
+        assert cfg.optimizer._target_ == "lm.optim.MuonWithAdamW" and cfg.optimizer.lr == 1e-2
+
+
+@pytest.mark.parametrize("corpus_name", ["enwik8", "text8"])
+def test_enwik8_and_text8_are_split_as_in_the_literature(corpus_name):
+    data = composed(f"data={corpus_name}").data
+    assert list(data.split_sizes) == [90_000_000, 5_000_000, 5_000_000] and data.size == 100_000_000
+    assert data.url == f"https://mattmahoney.net/dc/{corpus_name}.zip" and data.archive_member == corpus_name
+    assert len(data.sha256) == 64 and data.encoding == ("bytes" if corpus_name == "enwik8" else "utf-8")
 
 
 def test_optuna_search_composes_with_a_seeded_sampler_and_log_scale_lr():
@@ -142,6 +193,104 @@ def test_compare_fits_a_power_law_when_model_size_varies(tmp_path):
     assert "scaling.png" not in write_report(same_size)
     assert [j.label for j in load_sweep(tmp_path)][:2] == ["model=size0", "model=size0"]
     assert "n/a" in (tmp_path / "results.md").read_text()  # no 4x evaluation in these summaries
+
+
+def test_the_power_law_fit_recovers_its_exponent_and_an_honest_uncertainty():
+    import numpy as np
+
+    from lm.report import fit_power_law
+
+    rng = np.random.default_rng(0)
+    sizes = np.repeat([1e5, 3e5, 8e5, 1.5e6, 3.6e6], 3)
+    losses = 6.0 * sizes**-0.12 * np.exp(rng.normal(0, 0.01, sizes.size))
+    law = fit_power_law(sizes, losses)
+    assert law.points == 15 and 0 < law.exponent_se < 0.02
+    assert abs(law.exponent - 0.12) < 3 * law.exponent_se
+    exact = fit_power_law(sizes, 6.0 * sizes**-0.12)
+    assert exact.exponent == pytest.approx(0.12) and exact.a == pytest.approx(6.0) and exact.exponent_se < 1e-9
+
+
+def test_the_frontier_passes_to_the_larger_size_where_its_curve_crosses_below():
+    import numpy as np
+
+    from lm.report import frontier_crossings
+
+    flops_small = np.geomspace(1e10, 1e12, 8)
+    flops_large = np.geomspace(1e11, 1e13, 8)
+    curves = {
+        "small": (flops_small, 3.0 * (flops_small / 1e10) ** -0.05),  # flatter
+        "large": (flops_large, 3.4 * (flops_large / 1e10) ** -0.10),  # steeper: crosses small's at 1.2e11... below
+    }
+    lines = frontier_crossings(curves, ["small", "large"])
+    crossing = 1e10 * (3.4 / 3.0) ** (1 / 0.05)  # where the two power laws meet
+    assert len(lines) == 1 and lines[0].startswith("large drops below small at ~")
+    assert float(lines[0].rsplit("~", 1)[1].split()[0]) == pytest.approx(crossing, rel=0.05)
+    flat = {"small": curves["small"], "large": (flops_large, np.full(8, 9.0))}
+    assert "stays above" in frontier_crossings(flat, ["small", "large"])[0]
+
+
+def test_compare_fits_the_scaling_laws_exponent_and_draws_loss_against_flops(tmp_path):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    # each size costs twice the last per step, and learns faster: its curve starts above the smaller one's at equal
+    # FLOPs and ends below it
+    for i, (n, flops) in enumerate([(100_000, 1e9), (400_000, 2e9), (1_600_000, 4e9)]):
+        for seed in (1, 2):
+            job = tmp_path / f"{2 * i + seed - 1}_rung-{i}+seed-{seed}"
+            (job / ".hydra").mkdir(parents=True)
+            (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"rung=r{i}", f"seed={seed}"]))
+            writer = EventFileWriter(str(job))
+            for step in range(100, 900, 100):
+                loss = 1.2 + 2.0 * (step / 100) ** -(0.3 + 0.2 * i) * (1 + 0.01 * seed)
+                summary = Summary(value=[Summary.Value(tag="val/loss", simple_value=loss)])
+                writer.add_event(Event(step=step, wall_time=float(step), summary=summary))
+            writer.close()
+            summary = {"status": "finished", "parameters": n, "seq_length": 128, "flops_per_step": flops}
+            summary["metrics"] = {"val/loss": loss, "val/bpc": loss / 0.693}
+            (job / "summary.json").write_text(json.dumps(summary))
+    written = write_report(tmp_path)
+    assert {"scaling.png", "compute.png"} <= written.keys()
+    report = (tmp_path / "results.md").read_text()
+    assert re.search(r"L = [0-9.]+ N\^-\([0-9.]+ ± [0-9.]+\), by least squares in log-log over 6 jobs", report)
+    assert "rung=r1 drops below rung=r0 at ~5.7e+11 FLOPs" in report  # between 5e11 (step 500) and 6e11
+    assert "rung=r2 stays above rung=r1 up to 1.6e+12 FLOPs" in report
+
+
+def test_the_data_study_reports_train_and_validation_loss_and_their_gap(tmp_path, corpus):
+    # a sweep on the command line replaces the study's own values for that key
+    run_train(
+        [f"data.path={corpus}", "experiment=data_study", *SHRINK, "data.train_fraction=0.5,1.0", "seed=1"], tmp_path
+    )
+    sweep = next((tmp_path / "outputs" / "multirun" / "data_study").iterdir())
+    rows = sweep_table(sweep)
+    assert [r["configuration"] for r in rows] == ["data.train_fraction=0.5", "data.train_fraction=1.0"]
+    for row in rows:
+        assert row["train_loss"] > 0 and row["gap"] == pytest.approx(row["val_loss"] - row["train_loss"])
+    report = (sweep / "results.md").read_text()
+    assert "| train loss | val - train |" in report and "loss @2x ctx" not in report
+    assert (sweep / "train_val.png").stat().st_size > 0
+    final = json.loads(next(sweep.glob("0_*/final.eval.json")).read_text())
+    assert final["train_results"][0]["tokens"] == final["results"][0]["tokens"], "as much training data as val"
+
+
+def test_the_context_study_reads_each_model_at_its_length_and_twice_it(tmp_path, corpus):
+    run_train(
+        [
+            f"data.path={corpus}",
+            "experiment=context_study",
+            *SHRINK,
+            "data.seq_length=16,32",
+            "pos_encoding=rope",
+            "seed=1",
+        ],
+        tmp_path,
+    )
+    sweep = next((tmp_path / "outputs" / "multirun" / "context_study").iterdir())
+    rows = sweep_table(sweep)
+    assert [(r["context"], r["val_loss_2x"] is not None) for r in rows] == [(16, True), (32, True)]
+    assert (sweep / "context.png").stat().st_size > 0
 
 
 def test_compare_names_a_missing_sweep_dir(tmp_path):
