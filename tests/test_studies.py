@@ -94,7 +94,7 @@ def test_the_gpu_budget_composes_with_every_study(study):
     cfg = composed(f"experiment={study}", "study=gpu")
     assert cfg.hydra.sweeper.params[STUDIES[study][0]].split(",") == STUDIES[study][1], "the study's own sweep"
     assert cfg.model.compile == "auto" and cfg.tokens_per_step == 64 * 256
-    assert cfg.trainer.max_steps == {"context_study": 600, "data_study": 1000}.get(study, 1500), "a study's own length"
+    assert cfg.trainer.max_steps == {"context_study": 500, "data_study": 1000}.get(study, 1500), "a study's own length"
     assert cfg.hydra.launcher.n_jobs == 3 and "Joblib" in cfg.hydra.launcher._target_
     if study in ("pe_study", "init_study"):  # nanoGPT's Shakespeare size and data, Muon at 1e-2
         assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.dropout) == (6, 384, 0.2)
