@@ -26,7 +26,7 @@ STUDIES = {  # what each varies, and the multiples of its context the final mode
     "pe_study": ("pos_encoding", ["learned", "sinusoidal", "rope", "alibi", "none"], [1, 2, 4]),
     "optimizer_study": ("optimizer", ["adamw", "adafactor", "muon"], [1, 2, 4]),
     "init_study": ("model.init", ["gpt2", "pytorch", "xavier"], [1, 2, 4]),
-    "scaling_study": ("rung", ["w64", "w96", "w128", "w160", "w224"], [1]),
+    "scaling_study": ("rung", ["w32", "w64", "w96", "w128", "w160"], [1]),
     "context_study": ("data.seq_length", ["64", "128", "256", "512"], [1, 2]),
     "data_study": ("data.train_fraction", ["0.125", "0.25", "0.5", "1.0"], [1]),
 }
@@ -94,7 +94,7 @@ def test_the_gpu_budget_composes_with_every_study(study):
     cfg = composed(f"experiment={study}", "study=gpu")
     assert cfg.hydra.sweeper.params[STUDIES[study][0]].split(",") == STUDIES[study][1], "the study's own sweep"
     assert cfg.model.compile == "auto" and cfg.tokens_per_step == 64 * 256
-    assert cfg.trainer.max_steps == {"context_study": 500, "data_study": 1000}.get(study, 1500), "a study's own length"
+    assert cfg.trainer.max_steps == {"context_study": 500, "data_study": 1000, "scaling_study": 1600}.get(study, 1500), "a study's own length"
     assert cfg.hydra.launcher.n_jobs == 3 and "Joblib" in cfg.hydra.launcher._target_
     if study in ("pe_study", "init_study"):  # nanoGPT's Shakespeare size and data, Muon at 1e-2
         assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.dropout) == (6, 384, 0.2)
