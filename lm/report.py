@@ -245,27 +245,40 @@ def compute_curves(jobs: list[JobRecord], labels: list[str]) -> dict[str, tuple[
     return curves
 
 
-def frontier_crossings(curves: dict[str, tuple[np.ndarray, np.ndarray]], order: list[str]) -> list[str]:
-    """Where, in training FLOPs, each size's curve drops below the next smaller one's (interpolated in log-log,
-    within the FLOPs both reached): the compute-efficient frontier passing from one size to the next."""
+def compute_frontier(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple[float, float, str]]:
+    """The compute-efficient frontier: walking every validation point of every configuration in order of FLOPs,
+    the lowest loss reached so far with at most that many FLOPs; returns the points where it moves down, as
+    (FLOPs, loss, configuration)."""
+    points = sorted(
+        (f, loss, label) for label, (flops, losses) in curves.items() for f, loss in zip(flops, losses, strict=True)
+    )
+    frontier: list[tuple[float, float, str]] = []
+    for flops, loss, label in points:
+        if not frontier or loss < frontier[-1][1]:
+            frontier.append((float(flops), float(loss), label))
+    return frontier
+
+
+def frontier_handovers(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
+    """Which configuration holds the frontier (`compute_frontier`) over which range of FLOPs: each from the start of
+    its last stretch on it (where points of two sizes interleave, the frontier alternates before it settles)."""
+    frontier = compute_frontier(curves)
+    stretches: list[tuple[str, float, float]] = []  # (configuration, FLOPs, loss) where each stretch starts
+    for flops, loss, label in frontier:
+        if not stretches or stretches[-1][0] != label:
+            stretches.append((label, flops, loss))
+    last = {label: (flops, loss) for label, flops, loss in stretches}
+    first = {}
+    for label, flops, _ in stretches:
+        first.setdefault(label, flops)
     lines = []
-    for small, large in zip(order, order[1:], strict=False):
-        if small not in curves or large not in curves:
-            continue
-        (fs, ls), (fl, ll) = curves[small], curves[large]
-        lo, hi = max(fs[0], fl[0]), min(fs[-1], fl[-1])
-        if lo >= hi:
-            lines.append(f"{large} and {small} share no range of FLOPs: no crossing measured")
-            continue
-        grid = np.geomspace(lo, hi, 200)
-        diff = np.interp(np.log(grid), np.log(fl), np.log(ll)) - np.interp(np.log(grid), np.log(fs), np.log(ls))
-        below = np.flatnonzero(diff < 0)
-        if below.size == 0:
-            lines.append(f"{large} stays above {small} up to {hi:.2g} FLOPs (the end of their common range)")
-        elif below[0] == 0:
-            lines.append(f"{large} is below {small} from the first FLOPs they share ({lo:.2g})")
-        else:
-            lines.append(f"{large} drops below {small} at ~{grid[below[0]]:.2g} FLOPs")
+    for label, (flops, loss) in sorted(last.items(), key=lambda item: item[1][0]):
+        line = f"{label} from {flops:.2g} FLOPs (loss {loss:.4f})"
+        if first[label] != flops:
+            line += f", after first reaching it at {first[label]:.2g}"
+        lines.append(line)
+    if frontier:
+        lines.append(f"the lowest loss, {frontier[-1][1]:.4f}, is {frontier[-1][2]}'s, at {frontier[-1][0]:.2g} FLOPs")
     return lines
 
 
@@ -300,9 +313,13 @@ def write_report(sweep_dir: Path | str) -> dict[str, Path]:
             "(± the slope's standard error)."
         )
         order = [r["configuration"] for r in sorted(rows, key=lambda r: r["parameters"] or 0)]
-        if crossings := frontier_crossings(compute_curves(jobs, order), order):
-            lines += ["", "Validation loss against training FLOPs (compute.png):"]
-            lines += [f"- {line}" for line in crossings]
+        if handovers := frontier_handovers(compute_curves(jobs, order)):
+            lines += [
+                "",
+                "The compute-efficient frontier (the lowest validation loss reached with at most so many FLOPs, ",
+            ]
+            lines[-1] += "compute.png) is held by:"
+            lines += [f"- {line}" for line in handovers]
         lines.append("")
     if not_finished:
         lines.append("Not finished (failed, or still running):")
@@ -429,6 +446,8 @@ def _scaling(plt, jobs: list[JobRecord], rows: list[dict]):
     ax.plot(grid, law(grid), "--", label=str(law))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter("%.2f"))
     ax.set(xlabel="parameters", ylabel="final validation loss (nats/char)", title="Scaling with model size")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -447,17 +466,25 @@ def _compute(plt, jobs: list[JobRecord], rows: list[dict], colors: dict):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, (flops, loss) in curves.items():
         ax.plot(flops, loss, marker=".", color=colors[label], label=label)
-    grid = np.geomspace(min(f[0] for f, _ in curves.values()), max(f[-1] for f, _ in curves.values()), 300)
-    envelope = np.full_like(grid, np.inf)
-    for flops, loss in curves.values():
-        inside = (grid >= flops[0]) & (grid <= flops[-1])
-        values = np.exp(np.interp(np.log(grid), np.log(flops), np.log(loss)))
-        envelope = np.where(inside, np.minimum(envelope, values), envelope)
-    finite = np.isfinite(envelope)
-    ax.plot(grid[finite], envelope[finite], "k--", linewidth=1, alpha=0.6, label="frontier (lowest at equal FLOPs)")
+    frontier = compute_frontier(curves)
+    end = max(f[-1] for f, _ in curves.values())
+    xs = [f for f, _, _ in frontier] + [end]
+    ys = [loss for _, loss, _ in frontier] + [frontier[-1][1]]
+    ax.step(
+        xs,
+        ys,
+        where="post",
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        alpha=0.6,
+        label="frontier: lowest loss with at most so many FLOPs",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set(xlabel="training FLOPs (forward + backward)", ylabel="validation loss (nats/char)")
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.set_title("Loss against compute, each size (mean over seeds)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

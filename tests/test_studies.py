@@ -94,7 +94,9 @@ def test_the_gpu_budget_composes_with_every_study(study):
     cfg = composed(f"experiment={study}", "study=gpu")
     assert cfg.hydra.sweeper.params[STUDIES[study][0]].split(",") == STUDIES[study][1], "the study's own sweep"
     assert cfg.model.compile == "auto" and cfg.tokens_per_step == 64 * 256
-    assert cfg.trainer.max_steps == {"context_study": 500, "data_study": 1000, "scaling_study": 1600}.get(study, 1500), "a study's own length"
+    assert cfg.trainer.max_steps == {"context_study": 500, "data_study": 1000, "scaling_study": 1600}.get(
+        study, 1500
+    ), "a study's own length"
     assert cfg.hydra.launcher.n_jobs == 3 and "Joblib" in cfg.hydra.launcher._target_
     if study in ("pe_study", "init_study"):  # nanoGPT's Shakespeare size and data, Muon at 1e-2
         assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.dropout) == (6, 384, 0.2)
@@ -210,23 +212,35 @@ def test_the_power_law_fit_recovers_its_exponent_and_an_honest_uncertainty():
     assert exact.exponent == pytest.approx(0.12) and exact.a == pytest.approx(6.0) and exact.exponent_se < 1e-9
 
 
-def test_the_frontier_passes_to_the_larger_size_where_its_curve_crosses_below():
+def test_the_frontier_is_the_lowest_loss_reached_with_at_most_so_many_flops():
     import numpy as np
 
-    from lm.report import frontier_crossings
+    from lm.report import compute_frontier, frontier_handovers
 
-    flops_small = np.geomspace(1e10, 1e12, 8)
-    flops_large = np.geomspace(1e11, 1e13, 8)
     curves = {
-        "small": (flops_small, 3.0 * (flops_small / 1e10) ** -0.05),  # flatter
-        "large": (flops_large, 3.4 * (flops_large / 1e10) ** -0.10),  # steeper: crosses small's at 1.2e11... below
+        "small": (np.array([1.0, 2.0, 4.0, 8.0]), np.array([3.0, 2.5, 2.2, 2.1])),
+        "large": (np.array([4.0, 8.0, 16.0, 32.0]), np.array([2.6, 2.15, 1.9, 1.7])),  # below 2.1 from 16 on
     }
-    lines = frontier_crossings(curves, ["small", "large"])
-    crossing = 1e10 * (3.4 / 3.0) ** (1 / 0.05)  # where the two power laws meet
-    assert len(lines) == 1 and lines[0].startswith("large drops below small at ~")
-    assert float(lines[0].rsplit("~", 1)[1].split()[0]) == pytest.approx(crossing, rel=0.05)
-    flat = {"small": curves["small"], "large": (flops_large, np.full(8, 9.0))}
-    assert "stays above" in frontier_crossings(flat, ["small", "large"])[0]
+    frontier = compute_frontier(curves)
+    assert [label for *_, label in frontier] == ["small"] * 4 + ["large"] * 2
+    assert all(a[1] > b[1] and a[0] < b[0] for a, b in zip(frontier, frontier[1:], strict=False)), "moves down"
+    lines = frontier_handovers(curves)
+    assert lines == [
+        "small from 1 FLOPs (loss 3.0000)",
+        "large from 16 FLOPs (loss 1.9000)",
+        "the lowest loss, 1.7000, is large's, at 32 FLOPs",
+    ]
+    stuck = {"small": curves["small"], "large": (curves["large"][0], np.full(4, 2.5))}
+    assert frontier_handovers(stuck)[1:] == ["the lowest loss, 2.1000, is small's, at 8 FLOPs"]
+    # interleaved points: the frontier alternates, then settles; each size is named from its last stretch
+    zigzag = {
+        "a": (np.array([1.0, 3.0, 5.0]), np.array([3.0, 2.0, 1.95])),
+        "b": (np.array([2.0, 4.0, 6.0]), np.array([2.5, 1.97, 1.5])),
+    }
+    assert frontier_handovers(zigzag)[:2] == [
+        "a from 5 FLOPs (loss 1.9500), after first reaching it at 1",
+        "b from 6 FLOPs (loss 1.5000), after first reaching it at 2",
+    ]
 
 
 def test_compare_fits_the_scaling_laws_exponent_and_draws_loss_against_flops(tmp_path):
@@ -254,8 +268,9 @@ def test_compare_fits_the_scaling_laws_exponent_and_draws_loss_against_flops(tmp
     assert {"scaling.png", "compute.png"} <= written.keys()
     report = (tmp_path / "results.md").read_text()
     assert re.search(r"L = [0-9.]+ N\^-\([0-9.]+ ± [0-9.]+\), by least squares in log-log over 6 jobs", report)
-    assert "rung=r1 drops below rung=r0 at ~5.7e+11 FLOPs" in report  # between 5e11 (step 500) and 6e11
-    assert "rung=r2 stays above rung=r1 up to 1.6e+12 FLOPs" in report
+    # r1's curve interleaves with r0's from 6e11 and holds the frontier from 8e11; r2 from 2e12, to the end
+    assert "- rung=r1 from 8e+11 FLOPs (loss 2.2150), after first reaching it at 6e+11" in report
+    assert "- rung=r2 from 2e+12 FLOPs (loss 1.8580)\n- the lowest loss, 1.6735, is rung=r2's" in report
 
 
 def test_the_data_study_reports_train_and_validation_loss_and_their_gap(tmp_path, corpus):
