@@ -35,7 +35,6 @@ IGNORE_INDEX = -100  # targets with this id do not count in the loss
 CHUNK_BYTES = 16 * 1024 * 1024
 CACHE_FORMAT = 2  # 2: the index records the number of ids and their crc32
 ENCODINGS = {"utf-8": "utf-8", "bytes": "latin-1"}  # bytes: each byte is one character (latin-1 maps 0-255 to itself)
-SPLITS = ("train", "val", "test")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -400,6 +400,8 @@ def _extrapolation(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
                     by_length.setdefault(result["context_length"], []).append(result["bpc"])
         if by_length:
             lengths = sorted(by_length)
+            if len(lengths) < 2:  # read at its own length only: nothing to extrapolate
+                continue
             means = [np.mean(by_length[n]) for n in lengths]
             stds = [np.std(by_length[n], ddof=1) if len(by_length[n]) > 1 else 0 for n in lengths]
             ax.errorbar(lengths, means, yerr=stds, color=colors[label], label=label, marker="o", capsize=3)
