@@ -59,8 +59,10 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def download(url: str, dest: Path, sha256: str | None, timeout: float = 60.0) -> None:
-    """Downloads `url` to `dest` atomically, checking its sha256; a mismatched download leaves nothing behind."""
+def download(url: str, dest: Path, sha256: str | None, timeout: float = 60.0, corpus: Path | None = None) -> None:
+    """Downloads `url` to `dest` atomically, checking its sha256; a mismatched download leaves nothing behind.
+    `corpus`: where the user may put the corpus instead (when `dest` is an archive of it), for the error message."""
+    corpus = corpus or dest
 
     def fetch(tmp: Path) -> None:
         digest = hashlib.sha256()
@@ -71,7 +73,7 @@ def download(url: str, dest: Path, sha256: str | None, timeout: float = 60.0) ->
                     out.write(block)
         except (urllib.error.URLError, OSError) as error:
             raise DataError(
-                f"Could not download {url} ({getattr(error, 'reason', error)}); put the file at {dest} yourself "
+                f"Could not download {url} ({getattr(error, 'reason', error)}); put the file at {corpus} yourself "
                 "or pass data.path=/path/to/corpus.txt."
             ) from error
         if sha256 and digest.hexdigest() != sha256:
@@ -98,7 +100,7 @@ def download_corpus(
         download(url, dest, sha256)
     else:
         archive = dest.parent / f"{dest.name}.zip"
-        download(url, archive, None)  # mirrors re-pack archives: the corpus inside is what is checked
+        download(url, archive, None, corpus=dest)  # mirrors re-pack archives: the corpus inside is what is checked
         try:
             write_atomically(dest, lambda tmp: _extract(archive, archive_member, tmp, url))
         finally:

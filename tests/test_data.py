@@ -315,6 +315,12 @@ def test_a_download_that_is_not_a_zip_says_so(http_root, tmp_path):
     assert list((tmp_path / "data").iterdir()) == []
 
 
+def test_offline_an_archived_corpus_says_where_to_put_the_unzipped_file(tmp_path):
+    dm = CharDataModule(data_dir=str(tmp_path / "data"), url="http://127.0.0.1:9/x.zip", name="x", archive_member="x")
+    with pytest.raises(DataError, match=f"put the file at {tmp_path / 'data' / 'x'} yourself"):
+        dm.load()
+
+
 def test_split_bounds_by_size_and_by_fraction():
     assert split_bounds(100, 0.1) == {"train": (0, 90), "val": (90, 100)}
     assert split_bounds(100, 0.1, [80, 10, 5]) == {"train": (0, 80), "val": (80, 90), "test": (90, 95)}
