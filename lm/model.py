@@ -97,10 +97,11 @@ class TransformerConfig:
 
 
 # On CPU, `lm.kernels` (RotaryHeads + BlockCausalAttention) beat PyTorch's fused attention kernel (one base layer at
-# T = 256 with dropout, forward + backward: ~250 vs 614 ms), but keep T x T probabilities for backward; past this
-# length the fused kernel, whose memory grows linearly with T, takes over. In fp32 without dropout, RotaryHeads
-# feeds the fused kernel.
-CPU_KERNELS_MAX_LENGTH = 256
+# T = 256 with dropout, forward + backward: ~250 vs 614 ms; a mini step with ALiBi at T = 512, batch 4, bf16: 64 vs
+# 158 ms), but keep B x heads x T x T probabilities for backward; past this many (base's 64 x 6 x 256 x 256) the
+# fused kernel, whose memory grows linearly with T, takes over. In fp32 without dropout, RotaryHeads feeds the fused
+# kernel.
+CPU_KERNELS_MAX_SCORES = 64 * 6 * 256 * 256
 
 
 class Dropout(nn.Module):
@@ -138,7 +139,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None and x.device.type == "cpu" and T <= CPU_KERNELS_MAX_LENGTH:
+        if cache is None and x.device.type == "cpu" and B * self.n_head * T * T <= CPU_KERNELS_MAX_SCORES:
             # the same computation as below, in hand-written passes (lm/kernels.py) or, where it wins, the flash kernel
             cos, sin = rope.tables(0, T) if rope is not None else (None, None)
             if dropout_p == 0 and bias is None and qkv.dtype == torch.float32:

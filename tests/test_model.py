@@ -117,7 +117,7 @@ def test_cpu_kernels_give_the_model_the_same_logits_and_gradients_as_plain_pytor
         return logits, [p.grad.clone() for p in model.parameters()]
 
     fast, fast_grads = logits_and_grads()
-    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)  # SDPA for every length
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 0)  # SDPA for every length
     plain, plain_grads = logits_and_grads()
     assert torch.allclose(fast, plain, atol=1e-10)
     for a, b in zip(fast_grads, plain_grads, strict=True):
@@ -141,7 +141,7 @@ def test_fp32_attention_takes_the_flash_kernel_without_dropout_and_the_block_ker
     model(idx)
     assert len(calls) == (2 if dropout else 0)
     if dropout == 0:  # what rope() (if any) + SDPA give
-        monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)
+        monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 0)
         model.train()
         (plain_grad,) = torch.autograd.grad(model(idx).square().sum(), model.blocks[0].attn.qkv.weight)
         assert torch.allclose(fast_grad, plain_grad, rtol=1e-4, atol=1e-6)
@@ -286,7 +286,7 @@ def test_alibi_on_the_cpu_kernels_matches_sdpa_with_six_heads(monkeypatch):
     idx = torch.randint(0, 11, (3, 16))
     fast = model(idx)
     (fast_grad,) = torch.autograd.grad(fast.square().sum(), model.blocks[0].attn.qkv.weight)
-    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 0)
     plain = model(idx)
     (plain_grad,) = torch.autograd.grad(plain.square().sum(), model.blocks[0].attn.qkv.weight)
     assert torch.allclose(fast, plain, atol=1e-10) and torch.allclose(fast_grad, plain_grad, atol=1e-10)
