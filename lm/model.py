@@ -98,9 +98,10 @@ class TransformerConfig:
 
 # On CPU, `lm.kernels` (RotaryHeads + BlockCausalAttention) beat PyTorch's fused attention kernel (one base layer at
 # T = 256 with dropout, forward + backward: ~250 vs 614 ms; a mini step with ALiBi at T = 512, batch 4, bf16: 64 vs
-# 158 ms), but keep B x heads x T x T probabilities for backward; past this many (base's 64 x 6 x 256 x 256) the
-# fused kernel, whose memory grows linearly with T, takes over. In fp32 without dropout, RotaryHeads feeds the fused
-# kernel.
+# 158 ms), but keep B x heads x T x T probabilities for backward. They take contexts up to 256, and longer ones while
+# the scores stay within base's at 256 (64 x 6 x 256 x 256); past that the fused kernel, whose memory grows linearly
+# with T, takes over. In fp32 without dropout, RotaryHeads feeds the fused kernel.
+CPU_KERNELS_MAX_LENGTH = 256
 CPU_KERNELS_MAX_SCORES = 64 * 6 * 256 * 256
 
 
@@ -139,7 +140,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None and x.device.type == "cpu" and B * self.n_head * T * T <= CPU_KERNELS_MAX_SCORES:
+        on_cpu_kernels = T <= CPU_KERNELS_MAX_LENGTH or B * self.n_head * T * T <= CPU_KERNELS_MAX_SCORES
+        if cache is None and x.device.type == "cpu" and on_cpu_kernels:
             # the same computation as below, in hand-written passes (lm/kernels.py) or, where it wins, the flash kernel
             cos, sin = rope.tables(0, T) if rope is not None else (None, None)
             if dropout_p == 0 and bias is None and qkv.dtype == torch.float32:

@@ -117,7 +117,8 @@ def test_cpu_kernels_give_the_model_the_same_logits_and_gradients_as_plain_pytor
         return logits, [p.grad.clone() for p in model.parameters()]
 
     fast, fast_grads = logits_and_grads()
-    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 0)  # SDPA for every length
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)  # SDPA for every length
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 0)
     plain, plain_grads = logits_and_grads()
     assert torch.allclose(fast, plain, atol=1e-10)
     for a, b in zip(fast_grads, plain_grads, strict=True):
@@ -141,6 +142,7 @@ def test_fp32_attention_takes_the_flash_kernel_without_dropout_and_the_block_ker
     model(idx)
     assert len(calls) == (2 if dropout else 0)
     if dropout == 0:  # what rope() (if any) + SDPA give
+        monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)
         monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 0)
         model.train()
         (plain_grad,) = torch.autograd.grad(model(idx).square().sum(), model.blocks[0].attn.qkv.weight)
@@ -286,6 +288,7 @@ def test_alibi_on_the_cpu_kernels_matches_sdpa_with_six_heads(monkeypatch):
     idx = torch.randint(0, 11, (3, 16))
     fast = model(idx)
     (fast_grad,) = torch.autograd.grad(fast.square().sum(), model.blocks[0].attn.qkv.weight)
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)
     monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 0)
     plain = model(idx)
     (plain_grad,) = torch.autograd.grad(plain.square().sum(), model.blocks[0].attn.qkv.weight)
@@ -306,3 +309,21 @@ def test_each_init_gives_its_documented_weight_scale(init):
     assert all(
         torch.equal(b.weight, torch.ones_like(b.weight)) for b in model.modules() if isinstance(b, torch.nn.LayerNorm)
     )
+
+
+def test_cpu_kernels_take_contexts_past_256_while_the_scores_fit(monkeypatch):
+    import lm.model
+
+    calls = []
+    original = lm.model.BlockCausalAttention.apply
+    monkeypatch.setattr(lm.model.BlockCausalAttention, "apply", lambda *a: calls.append(a[0].shape) or original(*a))
+    model = Transformer(tiny_config("alibi"))
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 8)  # as 256 is to real contexts
+    n_head = model.config.n_head
+    idx = torch.randint(0, 11, (2, 16))
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 2 * n_head * 16 * 16)  # exactly fits: block kernel
+    model(idx)
+    assert len(calls) == model.config.n_layer
+    monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 2 * n_head * 16 * 16 - 1)  # one score over: PyTorch's
+    model(idx)
+    assert len(calls) == model.config.n_layer
