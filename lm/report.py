@@ -230,6 +230,26 @@ def _sizes_vary(jobs: list[JobRecord]) -> list[JobRecord]:
     return done if sizes and max(sizes) >= 2 * min(sizes) else []
 
 
+@dataclass
+class SizeSweep:
+    """What a sweep over model size yields: its finished jobs, the power law through them, and each
+    configuration's validation curve against training FLOPs (configurations in order of size)."""
+
+    jobs: list[JobRecord]
+    law: PowerLaw
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def size_sweep(jobs: list[JobRecord], rows: list[dict]) -> SizeSweep | None:
+    """The `SizeSweep` of a sweep whose model size varies 2x or more (`_sizes_vary`), else None."""
+    sized = _sizes_vary(jobs)
+    if not sized:
+        return None
+    law = fit_power_law([j.summary["parameters"] for j in sized], [j.summary["metrics"]["val/loss"] for j in sized])
+    order = [r["configuration"] for r in sorted(rows, key=lambda r: r["parameters"] or 0)]
+    return SizeSweep(sized, law, compute_curves(jobs, order))
+
+
 def compute_curves(jobs: list[JobRecord], labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each configuration's validation curve against training FLOPs (step x FLOPs per step), mean over seeds."""
     curves = {}
@@ -297,7 +317,8 @@ def write_report(sweep_dir: Path | str) -> dict[str, Path]:
             writer.writerows(rows)
     else:
         written["results.csv"].write_text("")
-    written.update(_plots(sweep_dir, jobs, rows))
+    sizes = size_sweep(jobs, rows)
+    written.update(_plots(sweep_dir, jobs, rows, sizes))
     not_finished = [j for j in jobs if j.status != "finished"]
     lines = [f"# Results: {sweep_dir.name}", ""]
     lines.append(
@@ -306,19 +327,18 @@ def write_report(sweep_dir: Path | str) -> dict[str, Path]:
         "with 2x/4x the training context (n/a: learned positions cannot)."
     )
     lines += ["", markdown_table(rows) if rows else "No jobs found.", ""]
-    if sized := _sizes_vary(jobs):
-        law = fit_power_law([j.summary["parameters"] for j in sized], [j.summary["metrics"]["val/loss"] for j in sized])
+    if sizes:
+        law = sizes.law
         lines.append(
             f"Final validation loss against parameters N: {law}, by least squares in log-log over {law.points} jobs "
             "(± the slope's standard error)."
         )
-        order = [r["configuration"] for r in sorted(rows, key=lambda r: r["parameters"] or 0)]
-        if handovers := frontier_handovers(compute_curves(jobs, order)):
+        if handovers := frontier_handovers(sizes.curves):
             lines += [
                 "",
-                "The compute-efficient frontier (the lowest validation loss reached with at most so many FLOPs, ",
+                "The compute-efficient frontier (the lowest validation loss reached with at most so many FLOPs, "
+                "compute.png) is held by:",
             ]
-            lines[-1] += "compute.png) is held by:"
             lines += [f"- {line}" for line in handovers]
         lines.append("")
     if not_finished:
@@ -334,7 +354,7 @@ def write_report(sweep_dir: Path | str) -> dict[str, Path]:
     return written
 
 
-def _plots(sweep_dir: Path, jobs: list[JobRecord], rows: list[dict]) -> dict[str, Path]:
+def _plots(sweep_dir: Path, jobs: list[JobRecord], rows: list[dict], sizes: SizeSweep | None) -> dict[str, Path]:
     """Writes the sweep's figures that its data supports; returns {file name: path}."""
     import matplotlib
 
@@ -346,8 +366,8 @@ def _plots(sweep_dir: Path, jobs: list[JobRecord], rows: list[dict]) -> dict[str
     figures = {
         "val_loss.png": _loss_curves(plt, jobs, labels, colors),
         "extrapolation.png": _extrapolation(plt, jobs, labels, colors),
-        "scaling.png": _scaling(plt, jobs, rows),
-        "compute.png": _compute(plt, jobs, rows, colors),
+        "scaling.png": _scaling(plt, sizes, rows) if sizes else None,
+        "compute.png": _compute(plt, sizes.curves, colors) if sizes and sizes.curves else None,
         "context.png": _context(plt, rows),
         "train_val.png": _train_val(plt, jobs, labels, colors),
     }
@@ -417,12 +437,9 @@ def _extrapolation(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
     return fig
 
 
-def _scaling(plt, jobs: list[JobRecord], rows: list[dict]):
-    """Final loss against model size, with the fitted power law (`fit_power_law`), when the size varies 2x or more."""
-    sized = _sizes_vary(jobs)
-    if not sized:
-        return None
-    law = fit_power_law([j.summary["parameters"] for j in sized], [j.summary["metrics"]["val/loss"] for j in sized])
+def _scaling(plt, sizes: SizeSweep, rows: list[dict]):
+    """Final loss against model size: each seed, each configuration's mean, and the fitted power law."""
+    sized, law = sizes.jobs, sizes.law
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot(
         [j.summary["parameters"] for j in sized],
@@ -456,15 +473,8 @@ def _scaling(plt, jobs: list[JobRecord], rows: list[dict]):
     return fig
 
 
-def _compute(plt, jobs: list[JobRecord], rows: list[dict], colors: dict):
-    """Each size's validation curve against training FLOPs, log-log, and their lower envelope (the
-    compute-efficient frontier), when model size varies."""
-    if not _sizes_vary(jobs):
-        return None
-    order = [r["configuration"] for r in sorted(rows, key=lambda r: r["parameters"] or 0)]
-    curves = compute_curves(jobs, order)
-    if not curves:
-        return None
+def _compute(plt, curves: dict[str, tuple[np.ndarray, np.ndarray]], colors: dict):
+    """Each size's validation curve against training FLOPs, log-log, and the compute-efficient frontier."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, (flops, loss) in curves.items():
         ax.plot(flops, loss, marker=".", color=colors[label], label=label)

@@ -382,12 +382,11 @@ def evaluate_final_model(cfg: DictConfig, module: LanguageModel, datamodule, pre
     dtype = torch.bfloat16 if "bf16" in precision else None
     val = datamodule.split("val")
     results = [evaluate(module.model, val, m * seq_length, batch_size, dtype) for m in multiples]
-    train = datamodule.split("train")[: len(val)]
-    train_results = [evaluate(module.model, train, seq_length, batch_size, dtype)] if on_train else []
-    tables = []
-    if results:
-        tables.append(f"Validation split:\n\n{results_table(results, seq_length)}")
-    if train_results:
+    tables = [f"Validation split:\n\n{results_table(results, seq_length)}"] if results else []
+    train_results = []
+    if on_train:
+        train = datamodule.split("train")[: len(val)]
+        train_results = [evaluate(module.model, train, seq_length, batch_size, dtype)]
         tables.append(
             f"Training data (its first {len(train)} characters):\n\n{results_table(train_results, seq_length)}"
         )
