@@ -1,10 +1,9 @@
-"""Training callbacks (a final validation pass, the latest checkpoint, throughput/MFU logging, a text sample at the
-end, a checkpoint on SIGINT/SIGTERM) and the atomic checkpoint writer."""
+"""Training callbacks: a final validation pass, the latest checkpoint, the compile time, a resumable progress bar,
+throughput/MFU logging, what validation costs, a text sample at the end, a checkpoint on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -13,118 +12,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Checkpoint, ThroughputMonitor, TQDMProgressBar
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-from lightning_utilities.core.apply_func import apply_to_collection
 
-from lm.data import write_atomically
 from lm.errors import LMError
 from lm.generate import generate
 from lm.hardware import measure_matmul_peak
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in its own folder, then renames it into place.
-
-    Lightning's own writer stages the file in the system temp folder and moves it, which is a copy (not atomic)
-    when that folder is on another file system; a rename within one folder is atomic, so a process killed while
-    saving leaves the previous checkpoint whole.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-
-        def save(tmp: Path) -> None:
-            # through a Python file, so that a failed write keeps its OSError (torch's own file writer reports
-            # a full disk as "RuntimeError: unexpected pos")
-            with open(tmp, "wb") as file:
-                torch.save(checkpoint, file)
-
-        try:
-            write_atomically(path, save)
-        except (OSError, RuntimeError) as error:  # a full disk, a quota, a folder gone: the run cannot keep its state
-            cause = error if isinstance(error, OSError) else error.__context__
-            if not isinstance(cause, OSError):
-                raise
-            raise CheckpointWriteError(path, checkpoint, cause) from error
-
-
-class BackgroundCheckpointIO(AsyncCheckpointIO):
-    """Lightning's `AsyncCheckpointIO` around `AtomicCheckpointIO`: the checkpoint's tensors are copied at once (a
-    point-in-time state, so exact resume holds) and written to disk by one thread, in order, while training goes on.
-
-    After a write fails (a full disk), no later one is written, so the last intact checkpoint stays the newest; the
-    error ends the run at the next save, or when training ends (teardown waits for every write).
-    """
-
-    def __init__(self, checkpoint_io: TorchCheckpointIO | None = None):
-        super().__init__(checkpoint_io or AtomicCheckpointIO())
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if self._error:
-            raise self._error
-        self._ensure_setup()
-        snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())
-
-        def write() -> None:
-            if self._error is None:
-                try:
-                    self.checkpoint_io.save_checkpoint(snapshot, path, storage_options)
-                except BaseException as error:
-                    self._error = error
-
-        self._executor.submit(write)
-
-    def wait(self) -> None:
-        """Returns once every write asked for so far is done; raises the error of one that failed."""
-        if self._executor is not None:
-            self._executor.submit(lambda: None).result()  # one worker, first in first out: after all before it
-        if self._error:
-            raise self._error
-
-
-def tensor_bytes(obj) -> int:
-    """The bytes of all tensors in a (nested) checkpoint: about the size its file needs."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def size(n_bytes: float) -> str:
-    """A size for people: 512 KiB, 3.9 MiB, 1.2 GiB."""
-    for unit in ("KiB", "MiB"):
-        n_bytes /= 1024
-        if n_bytes < 1024:
-            return f"{n_bytes:.0f} {unit}" if unit == "KiB" else f"{n_bytes:.1f} {unit}"
-    return f"{n_bytes / 1024:.1f} GiB"
-
-
-class CheckpointWriteError(LMError):
-    """A checkpoint could not be written (full disk, or any other OSError); the file at that path, if any, and the
-    other checkpoints in its folder are untouched, and no partial file is left."""
-
-    def __init__(self, path: Path, checkpoint: dict, error: OSError):
-        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        intact = sorted(
-            (p for p in path.parent.glob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True
-        )
-        if intact:
-            last, then = f"the last intact checkpoint is {intact[0]}", f"continue with resume={path.parent.parent}"
-        else:
-            last, then = "no checkpoint of this run was written", "run it again"
-        super().__init__(
-            f"Could not write {path} ({error.strerror or error}): it needs about {size(tensor_bytes(checkpoint))} "
-            f"and {size(free)} are free there; {last}. Free "
-            f"some space (or set paths.output_dir to a larger disk), then {then}."
-        )
 
 
 class ValidateAtEnd(L.Callback):
@@ -192,6 +87,73 @@ class CompileTime(L.Callback):
         if trainer.is_global_zero:
             seconds = time.perf_counter() - self._started
             print(f"[transformer-lm] compiled the model: the first step took {seconds:.1f} s", file=sys.stderr)
+
+
+class ValidationCost(L.Callback):
+    """Times every validation of a fit, with what follows it before training goes on (the text sample and the
+    checkpoint calls of the callbacks after this one), and keeps when each ended and its val/loss: the run's
+    summary.json gets them (`validations`, `validation_seconds`), and the end of training says their share.
+
+    A validation's cost runs from its start to the next training step (or the end of training); the part after the
+    validation loop (`after_s`) is what the other callbacks did with it, as long as this one is listed first.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.fit_started = time.perf_counter()
+        self._started: float | None = None
+        self._loop_ended: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """All validations' cost so far, what follows them included."""
+        return sum(r["seconds"] for r in self.records)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.fit_started = time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self._started = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._started is None:
+            return
+        self._loop_ended = time.perf_counter()
+        loss = trainer.callback_metrics.get("val/loss")
+        self.records.append(
+            {
+                "step": trainer.global_step,
+                "val_loss": None if loss is None else float(loss),
+                "loop_s": self._loop_ended - self._started,
+            }
+        )
+
+    def _close(self) -> None:
+        if self._started is None or self._loop_ended is None:
+            return
+        now = time.perf_counter()
+        record = self.records[-1]
+        record["after_s"] = now - self._loop_ended
+        record["seconds"] = now - self._started
+        record["fit_seconds"] = now - self.fit_started  # when it ended, from the start of training
+        record["time"] = time.time()  # the same moment as a Unix time, to compare with other processes' clocks
+        self._started = self._loop_ended = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
+        self._close()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._close()
+        if trainer.is_global_zero and self.records:
+            fit = time.perf_counter() - self.fit_started
+            after = sum(r.get("after_s", 0.0) for r in self.records)
+            print(
+                f"[transformer-lm] validation: {len(self.records)} passes took {self.seconds:.1f} s, "
+                f"{self.seconds / fit:.1%} of the {fit:.1f} s that training took ({after:.1f} s of it text samples "
+                "and checkpoint calls)",
+                file=sys.stderr,
+            )
 
 
 class ResumableProgressBar(TQDMProgressBar):

@@ -1,8 +1,11 @@
-"""Measure this machine: matmul peak, training throughput (Lightning vs a plain loop), generation speed, corpus prep.
+"""Measure this machine: matmul peak, training throughput (Lightning vs a plain loop, ours vs nanoGPT's), whole runs
+against nanoGPT's recipe, generation speed, corpus preparation.
 
-    python scripts/benchmark.py                                  # everything, about 10 minutes on 2 CPU cores
+    python scripts/benchmark.py                                  # on 2 CPU cores about 10 minutes; on a GPU, its
+                                                                 # own set (base, compiled, whole runs): ~5 minutes
     python scripts/benchmark.py --presets tiny,small --steps 3 --skip corpus   # about a minute
     python scripts/benchmark.py --only generate --presets mini,small,base
+    python scripts/benchmark.py --only run                       # our default run vs nanoGPT's recipe, to the best
     python scripts/benchmark.py --only quality                   # our default vs nanoGPT's CPU recipe, ~15 minutes
 
 Prints Markdown tables and writes them as JSON (--out). Numbers are comparable within one run on one machine only.
@@ -15,10 +18,9 @@ import json
 import multiprocessing
 import os
 import platform
-import re
+import queue as queue_module
 import resource
-import shutil
-import subprocess
+import shlex
 import sys
 import tempfile
 import time
@@ -29,6 +31,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _benchmark_runs import bench_quality, bench_run
 from _common import ROOT
 from _nanogpt import NanoGPTReference
 from lightning.fabric.utilities.throughput import measure_flops
@@ -108,7 +111,8 @@ def synthetic_corpus(path: Path, n_bytes: int, seed: int = 0) -> None:
 
 
 class StepTimer(L.Callback):
-    """Wall time of each training step after `warmup` steps, plus the data-loading share and peak RSS."""
+    """Wall time of each training step after `warmup` steps, plus the data-loading share and peak RSS. On a GPU
+    each step waits for the device at its end (as the reference loops' `loss.item()` does), so its time is the GPU's."""
 
     def __init__(self, warmup: int):
         self.warmup, self.times, self.data_times, self.peak_rss = warmup, [], [], 0
@@ -121,13 +125,16 @@ class StepTimer(L.Callback):
         self._start = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self._end = time.perf_counter()
         if trainer.global_step > self.warmup:
             self.times.append(self._end - self._start)
         self.peak_rss = max(self.peak_rss, rss_bytes())
 
 
-def lightning_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path) -> dict:
+def lightning_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path, compile: bool) -> dict:
+    """Our training step as scripts/train.py runs it (Lightning, AdamW, clipping; compiled as model.compile=true)."""
     p = PRESETS[preset]
     L.seed_everything(0, verbose=False)
     datamodule = CharDataModule(path=str(corpus), seq_length=p["seq_length"], batch_size=p["batch_size"])
@@ -137,6 +144,8 @@ def lightning_training(preset: str, precision: str, steps: int, warmup: int, cor
         datamodule.tokenizer.vocab,
         optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1, fused=True),
     )
+    if compile:
+        module.model.compile()  # as train.py does: in place, compiled on the first step (a warm-up step)
     timer = StepTimer(warmup)
     trainer = L.Trainer(
         max_steps=warmup + steps,
@@ -157,10 +166,11 @@ def lightning_training(preset: str, precision: str, steps: int, warmup: int, cor
         "step_s": step,
         "data_share": float(np.median(timer.data_times)) / step if timer.data_times else 0.0,
         "peak_rss_mb": timer.peak_rss / 2**20,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
 
 
-def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path) -> dict:
+def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path, compile: bool) -> dict:
     """The same model, batches, optimizer, clipping and schedule in a hand-written loop."""
     p = PRESETS[preset]
     torch.manual_seed(0)
@@ -170,6 +180,8 @@ def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus:
     model = Transformer(model_config(preset, datamodule.tokenizer.vocab_size)).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-3, weight_decay=0.1, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, 100, 5000, 0.1))
+    if compile:
+        model.compile()
 
     def step(i: int) -> None:
         x, y = (t.to(device) for t in batches.batch(i))
@@ -197,9 +209,10 @@ def median_step_time(step, warmup: int, steps: int) -> float:
     return float(np.median(times))
 
 
-def reference_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path) -> dict:
-    """nanoGPT's train.py loop on its model: AdamW (fused only on CUDA, as nanoGPT does), clipping at 1.0, and for
-    bf16 the autocast context nanoGPT uses on GPUs (on a CPU it trains in fp32: `nullcontext`)."""
+def reference_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path, compile: bool) -> dict:
+    """nanoGPT's train.py loop on its model: AdamW (fused only on CUDA, as nanoGPT does), clipping at 1.0, for bf16
+    the autocast context nanoGPT uses on GPUs (on a CPU it trains in fp32: `nullcontext`), and `torch.compile` as
+    its compile=True (its default, which its CPU recipe turns off)."""
     p = PRESETS[preset]
     torch.manual_seed(0)
     datamodule = CharDataModule(path=str(corpus), seq_length=p["seq_length"], batch_size=p["batch_size"])
@@ -208,6 +221,8 @@ def reference_training(preset: str, precision: str, steps: int, warmup: int, cor
     sizes = {k: p[k] for k in ("n_layer", "n_head", "n_embd", "dropout")}
     model = NanoGPTReference(datamodule.tokenizer.vocab_size, p["seq_length"], **sizes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), fused=device == "cuda")
+    if compile:
+        model = torch.compile(model)
 
     def step(i: int) -> None:
         x, y = (t.contiguous().to(device) for t in batches.batch(i))  # nanoGPT's get_batch stacks rows
@@ -224,6 +239,8 @@ def reference_training(preset: str, precision: str, steps: int, warmup: int, cor
 
 def _child(target, args, retain_memory: bool, queue) -> None:
     warnings.filterwarnings("ignore")
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32, as scripts/train.py and nanoGPT set it on a GPU
     if retain_memory:
         retain_freed_memory()  # as scripts/train.py does (malloc_reuse=true)
     queue.put(target(*args))
@@ -236,20 +253,27 @@ def in_child(target, *args, retain_memory: bool = True):
     queue = ctx.Queue()
     child = ctx.Process(target=_child, args=(target, args, retain_memory, queue))
     child.start()
-    result = queue.get()
+    while True:
+        alive = child.is_alive()  # read before waiting: a result sent just before the child ended is still read
+        try:
+            result = queue.get(timeout=1)
+            break
+        except queue_module.Empty:
+            if not alive:  # it failed (its traceback is above) or was killed: say so, do not wait forever
+                sys.exit(f"error: the measurement {target.__name__}{args} ended without a result ({child.exitcode}).")
     child.join()
     return result
 
 
-def bench_training(presets, precisions, steps, warmup, corpus, peaks) -> list[dict]:
+def bench_training(presets, precisions, steps, warmup, corpus, peaks, compile: bool, plain: bool) -> list[dict]:
+    """Our Lightning step per preset and precision, and with `plain` the same step in a hand-written loop."""
     rows = []
     for preset in presets:
         p = PRESETS[preset]
         tokens = p["batch_size"] * p["seq_length"]
         flops = flops_per_batch(model_config(preset), p["batch_size"])
         for precision in precisions:
-            lit = in_child(lightning_training, preset, precision, steps, warmup, corpus)
-            plain = in_child(plain_training, preset, precision, steps, warmup, corpus)
+            lit = in_child(lightning_training, preset, precision, steps, warmup, corpus, compile)
             peak = peaks["bf16" if precision == "bf16-mixed" else "fp32"]
             row = {
                 "preset": preset,
@@ -261,9 +285,13 @@ def bench_training(presets, precisions, steps, warmup, corpus, peaks) -> list[di
                 "mfu": flops / lit["step_s"] / peak if peak else None,
                 "data_share": lit["data_share"],
                 "peak_rss_mb": lit["peak_rss_mb"],
-                "plain_ms_per_step": 1000 * plain["step_s"],
-                "lightning_overhead": lit["step_s"] / plain["step_s"] - 1,
+                "peak_gpu_mb": lit["peak_gpu_mb"],
+                "compiled": compile,
             }
+            if plain:
+                loop = in_child(plain_training, preset, precision, steps, warmup, corpus, compile)
+                row["plain_ms_per_step"] = 1000 * loop["step_s"]
+                row["lightning_overhead"] = lit["step_s"] / loop["step_s"] - 1
             rows.append(row)
             print(
                 f"  train {preset} {precision}: {row['ms_per_step']:.0f} ms/step, {row['tokens_per_s']:.0f} tok/s",
@@ -273,20 +301,26 @@ def bench_training(presets, precisions, steps, warmup, corpus, peaks) -> list[di
     return rows
 
 
-def bench_reference(presets, precisions, steps, warmup, corpus, training_rows) -> list[dict]:
-    """nanoGPT's loop in fp32 and bf16 per preset, against our fastest Lightning step of the same preset."""
+def bench_reference(presets, precisions, steps, warmup, corpus, training_rows, compile: bool) -> list[dict]:
+    """nanoGPT's loop in fp32 and bf16 per preset, against our fastest Lightning step of the same preset; with
+    `compile`, both compiled."""
     rows = []
     for preset in presets:
         ours = [r for r in training_rows if r["preset"] == preset]
         if not ours:
             continue
         best = min(ours, key=lambda r: r["ms_per_step"])
-        row = {"preset": preset, "ours_precision": best["precision"], "ours_ms": best["ms_per_step"]}
+        row = {
+            "preset": preset,
+            "compiled": compile,
+            "ours_precision": best["precision"],
+            "ours_ms": best["ms_per_step"],
+        }
         for precision, key in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
             if precision not in precisions:
                 continue
             # nanoGPT as shipped: without this project's malloc setting
-            run = in_child(reference_training, preset, precision, steps, warmup, corpus, retain_memory=False)
+            run = in_child(reference_training, preset, precision, steps, warmup, corpus, compile, retain_memory=False)
             ms = 1000 * run["step_s"]
             row[f"nanogpt_{key}_ms"] = ms
             row[f"speedup_vs_{key}"] = ms / best["ms_per_step"]
@@ -338,132 +372,76 @@ def chars_per_second(model, tokenizer, n_chars: int, repeats: int, **kwargs) -> 
 
 
 def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3, pairs: int = 5) -> list[dict]:
+    """Characters per second of one stream and of eight, with the KV cache. On a GPU both take the compiled step (a
+    CUDA graph: generate.py's compile=true), beside one eager stream; on a CPU the eager step, faster there
+    (docs/speed.md), beside the compiled one, and the CPU decoding study: exact mode, no cache, passes over the
+    weights."""
     rows = []
     tokenizer = CharTokenizer("".join(sorted(set(SHAKESPEARE_ALPHABET))))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.cuda.is_available()
     for preset in presets:
         torch.manual_seed(0)
-        model = Transformer(model_config(preset, tokenizer.vocab_size)).to(device).eval()
+        model = Transformer(model_config(preset, tokenizer.vocab_size)).to("cuda" if cuda else "cpu").eval()
         if precision == "bf16":
             model = model.to(torch.bfloat16)
-        # one and eight streams alternated: their ratio is the median of `pairs` side-by-side ratios
-        rates = alternated_chars_per_second(model, tokenizer, n_chars, pairs, {"one": {}, "eight": {"num_samples": 8}})
-        cached = float(np.median(rates["one"]))
         start = time.perf_counter()
         generate(model, tokenizer, "\n", 2, compile=True)  # the second character takes the compiled step
         compile_s = time.perf_counter() - start
-        weight_pass = weight_pass_seconds(model)
-        # the weights one stream reads: float16 copies on a CPU (lm.decoding.decoding_matrices), else the model's own
-        weight_pass_one_stream = weight_pass_seconds(model, decoding_matrices(model, 1))
-        weight_pass_8_rows = weight_pass_seconds(model, rows=8)
-        weight_pass_8_streams = weight_pass_seconds(model, decoding_matrices(model, 8), rows=8)  # FBGEMM's, on a CPU
+        streams = {"compile": True} if cuda else {}
+        # one and eight streams alternated: their ratio is the median of `pairs` side-by-side ratios
+        variants = {"one": streams, "eight": {"num_samples": 8, **streams}}
+        rates = alternated_chars_per_second(model, tokenizer, n_chars, pairs, variants)
+        one = float(np.median(rates["one"]))
         row = {
             "preset": preset,
             "precision": precision,
             "context": model.config.seq_length,
             "chars": n_chars,
-            "chars_per_s_cache": cached,
-            "chars_per_s_exact": chars_per_second(model, tokenizer, n_chars, repeats, exact=True),
-            "chars_per_s_compiled": chars_per_second(model, tokenizer, n_chars, repeats, compile=True),
+            "streams_compiled": cuda,
+            "chars_per_s_cache": chars_per_second(model, tokenizer, n_chars, repeats) if cuda else one,
+            "chars_per_s_compiled": one if cuda else chars_per_second(model, tokenizer, n_chars, repeats, compile=True),
             "compile_s": compile_s,
             "chars_per_s_8_streams": float(np.median(rates["eight"])),
-            "chars_per_s_no_cache": chars_per_second(model, tokenizer, n_chars, repeats, kv_cache=False),
-            "weight_pass_ms": 1000 * weight_pass,
-            "weight_pass_one_stream_ms": 1000 * weight_pass_one_stream,
-            "limit_chars_per_s": 1 / weight_pass_one_stream,
-            "weight_pass_8_rows_ms": 1000 * weight_pass_8_rows,
-            "weight_pass_8_streams_ms": 1000 * weight_pass_8_streams,
         }
-        row["cache_speedup"] = row["chars_per_s_cache"] / row["chars_per_s_no_cache"]
         ratios = [eight / one for one, eight in zip(rates["one"], rates["eight"], strict=True)]
         row["streams_speedup"] = float(np.median(ratios))
         row["streams_speedup_range"] = [min(ratios), max(ratios)]
+        if not cuda:
+            row.update(cpu_decoding_study(model, tokenizer, n_chars, repeats, one))
         rows.append(row)
         print(
-            f"  generate {preset} {precision}: {cached:.0f} chars/s cached ({row['chars_per_s_exact']:.0f} exact), "
-            f"{row['chars_per_s_compiled']:.0f} compiled, {row['chars_per_s_8_streams']:.0f} in 8 streams "
-            f"({row['streams_speedup']:.2f}x one, median of {pairs} pairs), "
-            f"{row['chars_per_s_no_cache']:.0f} uncached; weight pass {row['weight_pass_ms']:.2f} ms "
-            f"({row['weight_pass_one_stream_ms']:.2f} ms as one stream reads them); 8 rows "
-            f"{row['weight_pass_8_rows_ms']:.2f} ms ({row['weight_pass_8_streams_ms']:.2f} ms as 8 streams read them)",
+            f"  generate {preset} {precision}: {row['chars_per_s_cache']:.0f} chars/s eager, "
+            f"{row['chars_per_s_compiled']:.0f} compiled (compiling took {compile_s:.1f} s), "
+            f"{row['chars_per_s_8_streams']:.0f} in 8 streams ({row['streams_speedup']:.2f}x one, median of "
+            f"{pairs} pairs)",
             file=sys.stderr,
             flush=True,
         )
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Quality per wall time: our default run against nanoGPT's CPU recipe, each a fresh process on the real corpus
-
-
-def timed_command(cmd: list[str]) -> tuple[float, str, str]:
-    """Runs `cmd` to the end; its wall time (start-up included), stdout and stderr. A failure stops the benchmark."""
-    start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"error: {' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return seconds, result.stdout, result.stderr
-
-
-def nanogpt_run(corpus: Path, max_iters: int) -> dict:
-    seconds, stdout, _ = timed_command([sys.executable, str(ROOT / "scripts" / "_nanogpt.py"), str(corpus),
-                                        "--max-iters", str(max_iters)])  # fmt: skip
-    result = json.loads(stdout.strip().splitlines()[-1])
-    return {"wall_s": seconds, "val_loss": result["val_loss"], "iters": max_iters}
-
-
-def our_run(out_dir: Path, name: str, max_time_s: float | None) -> dict:
-    """`python scripts/train.py` with the defaults, or with its time budget set to `max_time_s`."""
-    shutil.rmtree(out_dir / name, ignore_errors=True)  # a fresh run dir: TensorBoard shows this run alone
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={out_dir / name}"]
-    if max_time_s is not None:
-        minutes, seconds = divmod(int(max_time_s), 60)
-        cmd.append(f"trainer.max_time=00:00:{minutes:02d}:{seconds:02d}")
-    seconds, _, stderr = timed_command(cmd)
-    final = re.search(r"final .*val/loss=([0-9.]+)", stderr)
-    budget = re.search(r"a time budget of (\S+) ", stderr)
-    if final is None or budget is None:
-        sys.exit(f"error: no final val/loss or time budget in the output of {' '.join(cmd)}:\n{stderr[-3000:]}")
-    hms = [int(x) for x in budget.group(1).split(":")]
-    return {
-        "wall_s": seconds,
-        "val_loss": float(final.group(1)),
-        "budget_s": sum(x * 60**i for i, x in enumerate(reversed(hms))),
+def cpu_decoding_study(model: Transformer, tokenizer: CharTokenizer, n_chars: int, repeats: int, cached: float) -> dict:
+    """What sets a CPU's decoding pace: exact mode and no cache against the cache, and one pass over the weights
+    as one stream and as eight read them (the float16 copies of lm.decoding.decoding_matrices; FBGEMM's for 8)."""
+    row = {
+        "chars_per_s_exact": chars_per_second(model, tokenizer, n_chars, repeats, exact=True),
+        "chars_per_s_no_cache": chars_per_second(model, tokenizer, n_chars, repeats, kv_cache=False),
+        "weight_pass_ms": 1000 * weight_pass_seconds(model),
+        "weight_pass_one_stream_ms": 1000 * weight_pass_seconds(model, decoding_matrices(model, 1)),
+        "weight_pass_8_rows_ms": 1000 * weight_pass_seconds(model, rows=8),
+        "weight_pass_8_streams_ms": 1000 * weight_pass_seconds(model, decoding_matrices(model, 8), rows=8),
     }
-
-
-def bench_quality(out_dir: Path) -> dict:
-    """Validation loss at equal wall time, start-up included: nanoGPT's CPU recipe as documented, our default run
-    given nanoGPT's wall time, our default five-minute run, and nanoGPT's recipe stretched to that time."""
-    datamodule = CharDataModule(data_dir=str(ROOT / "data"))
-    datamodule.prepare_data()  # Tiny Shakespeare: downloaded once, or the copy in data/
-    corpus = datamodule.corpus_path
-    print("  quality: nanoGPT's CPU recipe (2000 iterations)", file=sys.stderr, flush=True)
-    nanogpt = nanogpt_run(corpus, 2000)
-    print(f"    {nanogpt['wall_s']:.0f} s, val {nanogpt['val_loss']:.4f}", file=sys.stderr, flush=True)
-    print("  quality: ours, default five-minute run", file=sys.stderr, flush=True)
-    ours_default = our_run(out_dir, "default", None)
-    # what a run costs besides its training budget: start-up, the last validation, the sample
-    overhead = ours_default["wall_s"] - ours_default["budget_s"]
-    print(f"    {ours_default['wall_s']:.0f} s, val {ours_default['val_loss']:.4f}", file=sys.stderr, flush=True)
-    print("  quality: ours, given nanoGPT's wall time", file=sys.stderr, flush=True)
-    ours_short = our_run(out_dir, "nanogpt_time", nanogpt["wall_s"] - overhead)
-    print(f"    {ours_short['wall_s']:.0f} s, val {ours_short['val_loss']:.4f}", file=sys.stderr, flush=True)
-    iters = round(2000 * ours_default["wall_s"] / nanogpt["wall_s"])
-    print(f"  quality: nanoGPT's recipe stretched to {iters} iterations", file=sys.stderr, flush=True)
-    nanogpt_long = nanogpt_run(corpus, iters)
-    print(f"    {nanogpt_long['wall_s']:.0f} s, val {nanogpt_long['val_loss']:.4f}", file=sys.stderr, flush=True)
-    return {
-        "rows": [
-            {"run": "nanoGPT CPU recipe (2000 iterations)", "budget": "short", **nanogpt},
-            {"run": "ours, default run with nanoGPT's wall time", "budget": "short", **ours_short},
-            {"run": f"nanoGPT CPU recipe stretched ({iters} iterations)", "budget": "long", **nanogpt_long},
-            {"run": "ours, default run (python scripts/train.py)", "budget": "long", **ours_default},
-        ],
-        "gain_at_nanogpt_time": nanogpt["val_loss"] - ours_short["val_loss"],
-        "gain_at_default_time": nanogpt_long["val_loss"] - ours_default["val_loss"],
-    }
+    row["limit_chars_per_s"] = 1000 / row["weight_pass_one_stream_ms"]
+    row["cache_speedup"] = cached / row["chars_per_s_no_cache"]
+    print(
+        f"  generate (CPU decoding): {row['chars_per_s_exact']:.0f} chars/s exact, {row['chars_per_s_no_cache']:.0f} "
+        f"uncached; weight pass {row['weight_pass_ms']:.2f} ms ({row['weight_pass_one_stream_ms']:.2f} ms as one "
+        f"stream reads them); 8 rows {row['weight_pass_8_rows_ms']:.2f} ms ({row['weight_pass_8_streams_ms']:.2f} "
+        "ms as 8 streams read them)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -481,7 +459,8 @@ def corpus_preparation(size_mb: int, steps: int) -> dict:
         start = time.perf_counter()
         encode_corpus(path)
         open_s = time.perf_counter() - start
-        train = lightning_training("small", "bf16-mixed" if bf16_supported("cpu") else "32-true", steps, 1, path)
+        precision = "bf16-mixed" if bf16_supported("cpu") else "32-true"
+        train = lightning_training("small", precision, steps, 1, path, compile=False)
         return {
             "corpus_mb": size_mb,
             "prepare_s": prepare_s,
@@ -499,8 +478,8 @@ def bench_corpus(size_mb: int, steps: int) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-PERCENT_COLUMNS = {"mfu", "data_share", "lightning_overhead"}
-LOSS_COLUMNS = {"val_loss"}
+PERCENT_COLUMNS = {"mfu", "data_share", "lightning_overhead", "validation_share", "after_validation_share"}
+LOSS_COLUMNS = {"val_loss", "best_val_loss", "last_val_loss"}
 TIMES_COLUMNS = {"speedup_vs_fp32", "speedup_vs_bf16", "cache_speedup", "streams_speedup"}
 
 
@@ -508,6 +487,8 @@ def markdown(rows: list[dict], columns: dict[str, str]) -> str:
     def fmt(key, v):
         if v is None:
             return "-"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
         if key in PERCENT_COLUMNS:
             return f"{v:.1%}"
         if key in LOSS_COLUMNS:
@@ -518,40 +499,68 @@ def markdown(rows: list[dict], columns: dict[str, str]) -> str:
             return f"{v:,.2f}" if abs(v) < 10 else f"{v:,.0f}"
         return str(v)
 
+    columns = {k: v for k, v in columns.items() if any(r.get(k) is not None for r in rows)}  # what was measured
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(k, r.get(k)) for k in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
+# What a plain `python scripts/benchmark.py` measures: on a CPU every preset and the CPU's own studies (about 10
+# minutes on 2 cores); on a GPU, in about 5 minutes, what a GPU user asks: nanoGPT's size compiled against nanoGPT
+# compiled, our default run against nanoGPT's recipe, sampling. Compiled where each project compiles by default:
+# ours on CUDA only (model.compile=auto), nanoGPT on a GPU (its compile=True; its CPU recipe turns it off).
+DEFAULTS = {
+    "cpu": dict(presets="tiny,mini,small,base", only="peak,train,plain,reference,generate,corpus", steps=5, warmup=2),
+    "cuda": dict(presets="base", only="peak,train,reference,run,generate", steps=50, warmup=10),
+}
+PARTS = ("peak", "train", "plain", "reference", "run", "generate", "corpus", "quality")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default="tiny,mini,small,base", help="comma-separated: tiny, mini, small, base")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    defaults = DEFAULTS[device]
+    parser.add_argument("--presets", default=defaults["presets"], help="comma-separated: tiny, mini, small, base")
     parser.add_argument(
         "--precisions",
         default="auto",
-        help="Lightning precisions to train in; auto: bf16-mixed and 32-true where the hardware has native bf16, "
-        "else 32-true only (emulated bf16 is ~100x slower than fp32 there)",
+        help="Lightning precisions to train in; auto: on a GPU bf16-mixed (what runs use there); on a CPU bf16-mixed "
+        "and 32-true where it has native bf16, else 32-true only (emulated bf16 is ~100x slower than fp32 there)",
     )
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument(
+        "--compile", choices=("auto", "true", "false"), default="auto", help="auto: compiled on CUDA only"
+    )
+    parser.add_argument("--steps", type=int, default=defaults["steps"], help="timed training steps per configuration")
+    parser.add_argument("--warmup", type=int, default=defaults["warmup"], help="untimed steps first (compiling)")
     parser.add_argument("--generate-chars", type=int, default=1000)
     parser.add_argument("--corpus-mb", type=int, default=100)
     parser.add_argument(
         "--only",
-        default="peak,train,reference,generate,corpus",
-        help="which parts to run (reference needs train); also quality (about 15 minutes on a slow CPU), which "
-        "runs only when named",
+        default=defaults["only"],
+        help=f"which parts to run, of {', '.join(PARTS)} (plain and reference need train); quality (about 15 "
+        f"minutes on a slow CPU) runs only when named; default here: {defaults['only']}",
     )
     parser.add_argument("--skip", default="", help="parts to leave out")
+    parser.add_argument("--run-corpus", type=Path, help="run: the corpus of both runs (default Tiny Shakespeare)")
+    parser.add_argument("--train-args", default="", help='run: overrides for our run, e.g. "trainer.max_steps=1000"')
+    parser.add_argument(
+        "--nanogpt-args", default="", help='run: options for scripts/_nanogpt.py, e.g. "--set eval_iters=50"'
+    )
+    parser.add_argument("--patience", type=int, default=2, help="run: stop nanoGPT this many evaluations past its best")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    parts = [p for p in args.only.split(",") if p not in args.skip.split(",")]
+    parts = [p for p in args.only.split(",") if p and p not in args.skip.split(",")]
+    for part in parts:
+        if part not in PARTS:
+            parser.error(f"unknown part {part!r} in --only; choose from {', '.join(PARTS)}")
     presets = [p for p in args.presets.split(",") if p]
     for p in presets:
         if p not in PRESETS:
             parser.error(f"unknown preset {p!r}; choose from {', '.join(PRESETS)}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    compile = device == "cuda" if args.compile == "auto" else args.compile == "true"
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32, as scripts/train.py sets it on a GPU
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(
@@ -577,9 +586,12 @@ def main() -> None:
 
     precisions = [p for p in args.precisions.split(",") if p]
     if precisions == ["auto"]:
-        precisions = ["bf16-mixed", "32-true"] if bf16_supported(device) else ["32-true"]
-        if not bf16_supported(device):
-            print("No native bf16 here: bf16 is left out (--precisions bf16-mixed,32-true to measure it anyway).\n")
+        if device == "cuda":
+            precisions = ["bf16-mixed"] if bf16_supported(device) else ["32-true"]
+        else:
+            precisions = ["bf16-mixed", "32-true"] if bf16_supported(device) else ["32-true"]
+            if not bf16_supported(device):
+                print("No native bf16 here: bf16 is left out (--precisions bf16-mixed,32-true to measure it anyway).\n")
     peaks = {"bf16": None, "fp32": None}
     if "peak" in parts or "train" in parts:
         peaks = {
@@ -594,15 +606,18 @@ def main() -> None:
         corpus = Path(tmp) / "corpus.txt"
         synthetic_corpus(corpus, 2 * 2**20)
         if "train" in parts:
-            rows = bench_training(presets, precisions, args.steps, args.warmup, corpus, peaks)
+            plain = "plain" in parts
+            rows = bench_training(presets, precisions, args.steps, args.warmup, corpus, peaks, compile, plain)
             report["training"] = rows
-            print("## Training step (Lightning, as scripts/train.py runs it) vs a plain PyTorch loop\n")
+            title = "Training step (Lightning, as scripts/train.py runs it)" + (" vs a plain PyTorch loop" * plain)
+            print(f"## {title}\n")
             print(
                 markdown(
                     rows,
                     {
                         "preset": "preset",
                         "precision": "precision",
+                        "compiled": "compiled",
                         "batch": "batch",
                         "context": "context",
                         "ms_per_step": "ms/step",
@@ -610,6 +625,7 @@ def main() -> None:
                         "mfu": "MFU",
                         "data_share": "data time",
                         "peak_rss_mb": "peak RSS MB",
+                        "peak_gpu_mb": "peak GPU MB",
                         "plain_ms_per_step": "plain loop ms/step",
                         "lightning_overhead": "Lightning overhead",
                     },
@@ -617,7 +633,7 @@ def main() -> None:
                 + "\n"
             )
             if "reference" in parts:
-                rows = bench_reference(presets, precisions, args.steps, args.warmup, corpus, rows)
+                rows = bench_reference(presets, precisions, args.steps, args.warmup, corpus, rows, compile)
                 report["reference"] = rows
                 print("## Against nanoGPT's model and training loop (plain PyTorch), same sizes and batches\n")
                 print(
@@ -625,6 +641,7 @@ def main() -> None:
                         rows,
                         {
                             "preset": "preset",
+                            "compiled": "both compiled",
                             "ours_precision": "ours: precision",
                             "ours_ms": "ours: ms/step",
                             "nanogpt_fp32_ms": "nanoGPT fp32 ms/step",
@@ -635,10 +652,43 @@ def main() -> None:
                     )
                     + "\n"
                 )
+    if "run" in parts:
+        print("  run: ours, then nanoGPT's recipe", file=sys.stderr, flush=True)
+        out_dir = Path(args.out).parent / "run"
+        train_args, nanogpt_args = shlex.split(args.train_args), shlex.split(args.nanogpt_args)
+        run = bench_run(out_dir, args.run_corpus, train_args, nanogpt_args, args.patience)
+        report["run"] = run
+        ours, nanogpt = run["rows"]
+        print("## Our default run against nanoGPT's recipe (fresh processes, start-up and compiling included)\n")
+        print(
+            markdown(
+                run["rows"],
+                {
+                    "run": "run",
+                    "best_val_loss": "best val loss",
+                    "best_step": "at step",
+                    "time_to_best_s": "s from launch to it",
+                    "last_val_loss": "last val loss",
+                    "steps": "steps",
+                    "wall_s": "process wall s",
+                    "compile_s": "compiling s",
+                    "validation_share": "validation, share of wall",
+                    "after_validation_share": "of which samples and checkpoint calls",
+                },
+            )
+            + "\n"
+        )
+        print(
+            "Ours: over the whole validation split. nanoGPT: its own estimate (the mean of eval_iters random "
+            "batches).\n"
+            f"From launch to the best validation loss: ours {ours['time_to_best_s']:.1f} s, nanoGPT's "
+            f"{nanogpt['time_to_best_s']:.1f} s ({run['time_to_best_ratio']:.2f}x ours).\n"
+        )
     if "generate" in parts:
         rows = bench_generation(presets, args.generate_chars, "fp32")
         report["generation"] = rows
         print(f"## Generation of {args.generate_chars} characters (fp32, sampling at temperature 1)\n")
+        streams = "compiled step" if device == "cuda" else "KV cache"
         print(
             markdown(
                 rows,
@@ -649,7 +699,7 @@ def main() -> None:
                     "chars_per_s_exact": "chars/s, KV cache, exact",
                     "chars_per_s_compiled": "chars/s, compiled step",
                     "compile_s": "compile s",
-                    "chars_per_s_8_streams": "chars/s, 8 streams (total)",
+                    "chars_per_s_8_streams": f"chars/s, 8 streams (total, {streams})",
                     "streams_speedup": "8 streams / one",
                     "chars_per_s_no_cache": "chars/s, no cache",
                     "weight_pass_ms": "one pass over the weights, ms",

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from lm.callbacks import CompileTime, ResumableProgressBar
+from lm.callbacks import CompileTime, ResumableProgressBar, ValidationCost
 from lm.checkpoint import check_resumable, read_checkpoint
 from lm.data import write_atomically
 from lm.errors import ConfigError, is_count, is_number
@@ -300,6 +300,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "evaluations": [r.to_dict() for r in evaluations],
             "train_evaluations": [r.to_dict() for r in train_evaluations],
         }
+        if costs := [c for c in trainer.callbacks if isinstance(c, ValidationCost)]:
+            summary["validation_seconds"] = costs[0].seconds
+            summary["validations"] = costs[0].records
         write_atomically(
             Path(cfg.paths.run_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))
         )

@@ -46,12 +46,15 @@ def test_benchmark_runs_with_the_tiny_preset(tmp_path):
     expected = {"bf16-mixed", "32-true"} if native else {"32-true"}
     assert {row["precision"] for row in report["training"]} == expected
     assert all(row["tokens_per_s"] > 0 and row["plain_ms_per_step"] > 0 for row in report["training"])
+    assert not any(row["compiled"] for row in report["training"])  # on a CPU neither project compiles by default
     (reference,) = report["reference"]
+    assert reference["compiled"] is False
     assert reference["nanogpt_fp32_ms"] > 0 and reference["speedup_vs_fp32"] > 0
     assert ("nanogpt_bf16_ms" in reference) == native
     if not native:
         assert "No native bf16 here" in result.stdout
     (generation,) = report["generation"]
+    assert generation["streams_compiled"] is False  # the eager step is the CPU's faster one
     for key in ("chars_per_s_cache", "chars_per_s_exact", "chars_per_s_compiled", "chars_per_s_8_streams"):
         assert generation[key] > 0, key
     assert generation["chars_per_s_no_cache"] > 0 and generation["weight_pass_one_stream_ms"] > 0
@@ -73,3 +76,71 @@ def test_nanogpt_reference_recipe_trains(tmp_path):
     assert [e["iter"] for e in evals] == [0, 30, 60]
     assert evals[-1]["val"] < evals[0]["val"] - 0.5  # from ~ln(vocab) towards the corpus's structure
     assert result["val_loss"] == evals[-1]["val"] and result["seconds"] > 0
+    assert result["best_val_loss"] == min(e["val"] for e in evals)
+
+
+def test_nanogpt_gpu_recipe_is_its_shakespeare_config_and_patience_stops_past_the_best(tmp_path):
+    from _nanogpt import GPU_RECIPE, train_recipe
+
+    # config/train_shakespeare_char.py, compiled in bf16 as nanoGPT runs it on a GPU
+    expected = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, max_iters=5000,
+                    learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, eval_interval=250, eval_iters=200,
+                    log_interval=10, compile=True, dtype="bfloat16")  # fmt: skip
+    assert {k: GPU_RECIPE[k] for k in expected} == expected
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus_text(20000))
+    # a learning rate this high makes the loss turn up again: the recipe stops one evaluation after its best
+    result = train_recipe(corpus, "gpu", patience=1, device="cpu", compile=False, n_layer=1, n_head=2, n_embd=32,
+                          block_size=32, batch_size=8, max_iters=400, lr_decay_iters=400, warmup_iters=5, eval_iters=4,
+                          eval_interval=10, dropout=0.0, learning_rate=0.3, min_lr=0.3)  # fmt: skip
+    vals = [e["val"] for e in result["evals"]]
+    best = vals.index(min(vals))
+    assert best == len(vals) - 2 and result["best_iter"] == 10 * best  # stopped one evaluation past its best
+    assert result["evals"][-1]["iter"] < 400
+    times = [e["time"] for e in result["evals"]]
+    assert times == sorted(times)
+
+
+def test_the_run_part_compares_our_default_run_with_nanogpts_recipe_to_their_best(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus_text(20000))
+    out = tmp_path / "bench" / "bench.json"
+    nanogpt = "--set n_layer=1 n_head=2 n_embd=32 block_size=32 eval_iters=2 eval_interval=10 warmup_iters=5 " \
+              "learning_rate=0.01 --max-iters 60"  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark.py"),
+            "--only",
+            "run",
+            "--run-corpus",
+            str(corpus),
+            "--train-args",
+            "model=tiny trainer.max_steps=40 trainer.val_check_interval=10 data.seq_length=32 "
+            "callbacks.throughput.peak_flops=null",
+            f"--nanogpt-args={nanogpt}",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = json.loads(out.read_text())["run"]["rows"]
+    summary = json.loads((tmp_path / "bench" / "run" / "default" / "summary.json").read_text())
+    losses = [v["val_loss"] for v in summary["validations"]]
+    assert [v["step"] for v in summary["validations"]] == [10, 20, 30, 40]
+    assert ours["best_val_loss"] == min(losses) and ours["last_val_loss"] == losses[-1]
+    assert 0 < ours["time_to_best_s"] <= ours["wall_s"] and ours["steps"] == 40
+    assert 0 < ours["after_validation_share"] < ours["validation_share"] < 1
+    assert 0 < theirs["time_to_best_s"] <= theirs["wall_s"] and theirs["best_step"] % 10 == 0
+    assert theirs["best_val_loss"] <= theirs["last_val_loss"] and theirs["steps"] - theirs["best_step"] <= 20
+    assert "| ours: python scripts/train.py |" in result.stdout and "From launch to the best" in result.stdout
+
+
+def test_an_unknown_part_is_one_line_naming_the_parts():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--only", "trian"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "unknown part 'trian' in --only; choose from peak, train" in result.stderr

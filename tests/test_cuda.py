@@ -107,3 +107,24 @@ def test_the_graph_captured_step_gives_the_eager_steps_text_on_cuda(pe):
     assert generate(model, tok, compile=True, **kwargs) == generate(model, tok, **kwargs)
     several = dict(kwargs, num_samples=8, temperature=1.0, seed=0)
     assert generate(model, tok, compile=True, **several) == generate(model, tok, **several)
+
+
+def test_the_benchmark_on_cuda_compiles_both_projects_and_samples_through_the_captured_step(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    parts = ["--only", "train,reference,generate", "--presets", "tiny", "--steps", "3", "--warmup", "2"]
+    cmd = [sys.executable, str(root / "scripts" / "benchmark.py"), *parts, "--generate-chars", "50", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (training,) = report["training"]  # bf16-mixed only: what runs use on a GPU
+    assert training["precision"] == "bf16-mixed" and training["compiled"] and training["peak_gpu_mb"] > 0
+    (reference,) = report["reference"]
+    assert reference["compiled"] and reference["nanogpt_bf16_ms"] > 0
+    (generation,) = report["generation"]
+    assert generation["streams_compiled"] and generation["chars_per_s_8_streams"] > 0

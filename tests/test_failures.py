@@ -146,9 +146,9 @@ def test_background_checkpoints_are_point_in_time_and_a_failed_write_stops_the_n
     import errno
     import threading
 
-    import lm.callbacks
+    import lm.checkpoint_io
 
-    writer = lm.callbacks.BackgroundCheckpointIO()
+    writer = lm.checkpoint_io.BackgroundCheckpointIO()
     release, writing = threading.Event(), []
     real_save = torch.save
 
@@ -157,7 +157,7 @@ def test_background_checkpoints_are_point_in_time_and_a_failed_write_stops_the_n
         release.wait(10)
         real_save(obj, file)
 
-    monkeypatch.setattr(lm.callbacks.torch, "save", slow_save)
+    monkeypatch.setattr(lm.checkpoint_io.torch, "save", slow_save)
     weights = torch.ones(3)
     writer.save_checkpoint({"weights": weights}, tmp_path / "a.ckpt")  # returns while the write waits
     weights.add_(1)  # training goes on: the checkpoint keeps the state it was asked for
@@ -174,13 +174,13 @@ def test_background_checkpoints_are_point_in_time_and_a_failed_write_stops_the_n
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, file)
 
-    monkeypatch.setattr(lm.callbacks.torch, "save", disk_full_for_b)
+    monkeypatch.setattr(lm.checkpoint_io.torch, "save", disk_full_for_b)
     writer.save_checkpoint({"weights": weights}, tmp_path / "b.ckpt")
     writer.save_checkpoint({"weights": weights}, tmp_path / "c.ckpt")
     queued.set()
-    with pytest.raises(lm.callbacks.CheckpointWriteError, match="Could not write .*b.ckpt"):
+    with pytest.raises(lm.checkpoint_io.CheckpointWriteError, match="Could not write .*b.ckpt"):
         writer.wait()
-    with pytest.raises(lm.callbacks.CheckpointWriteError, match="Could not write .*b.ckpt"):
+    with pytest.raises(lm.checkpoint_io.CheckpointWriteError, match="Could not write .*b.ckpt"):
         writer.save_checkpoint({"weights": weights}, tmp_path / "d.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
 

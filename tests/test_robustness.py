@@ -379,9 +379,9 @@ def test_ddp_two_cpu_processes_last_through_many_validations_and_reduce_them_exa
 
 
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_whole(tmp_path, monkeypatch):
-    import lm.callbacks
+    import lm.checkpoint_io
 
-    writer = lm.callbacks.AtomicCheckpointIO()
+    writer = lm.checkpoint_io.AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
     writer.save_checkpoint({"weights": torch.ones(3)}, path)
 
@@ -389,7 +389,7 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_whole(tmp_path
         file.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # as if the process were stopped mid-write
 
-    monkeypatch.setattr(lm.callbacks.torch, "save", dies_halfway)
+    monkeypatch.setattr(lm.checkpoint_io.torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         writer.save_checkpoint({"weights": torch.zeros(3)}, path)
     assert torch.load(path, weights_only=True)["weights"].sum() == 3

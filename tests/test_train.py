@@ -404,7 +404,7 @@ def test_text_samples_stay_within_their_share_of_training_time(tmp_path, corpus,
 def test_samples_at_each_validation_and_a_final_evaluation_past_the_training_context(tmp_path, corpus):
     import json
 
-    run_train(
+    result = run_train(
         [
             f"data.path={corpus}",
             *TINY,
@@ -419,6 +419,18 @@ def test_samples_at_each_validation_and_a_final_evaluation_past_the_training_con
     assert text_samples(run) == [4, 8]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["global_step"] == 8
+    # each validation timed, with the sample and checkpoint calls after it, and when it ended
+    validations = summary["validations"]
+    assert [v["step"] for v in validations] == [4, 8]
+    assert validations[-1]["val_loss"] == pytest.approx(summary["metrics"]["val/loss"])
+    for v in validations:
+        assert v["loop_s"] > 0 and v["after_s"] > 0 and v["seconds"] == pytest.approx(v["loop_s"] + v["after_s"])
+    assert validations[0]["time"] < validations[1]["time"]
+    assert validations[0]["fit_seconds"] < validations[1]["fit_seconds"] <= summary["fit_seconds"]
+    assert summary["validation_seconds"] == pytest.approx(sum(v["seconds"] for v in validations))
+    assert re.search(
+        r"validation: 2 passes took [0-9.]+ s, [0-9.]+% of the [0-9.]+ s that training took", result.stderr
+    )
     results = json.loads((run / "final.eval.json").read_text())["results"]
     assert [r["context_length"] for r in results] == [32, 64, 128] and all(r["loss"] for r in results)
     # validation in training and evaluation share one loss function: same windows, same number
