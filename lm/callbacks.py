@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lm.errors import LMError
 from lm.generate import generate
 from lm.hardware import measure_matmul_peak
+from lm.tokenizer import CharTokenizer
 
 
 class ValidateAtEnd(L.Callback):
@@ -275,9 +276,14 @@ class TextSample(L.Callback):
         self.last: tuple[int | None, str | None] = (None, None)  # (step, text) of the latest sample
         self.failures: set[str] = set()  # reasons already reported: a failure that repeats is said once
 
+    @staticmethod
+    def tokenizer(trainer: L.Trainer, pl_module) -> CharTokenizer:
+        """The corpus's tokenizer where there is one (it knows a byte corpus's symbols are bytes), else the model's."""
+        return getattr(getattr(trainer, "datamodule", None), "tokenizer", None) or pl_module.tokenizer
+
     def start_text(self, trainer: L.Trainer, pl_module) -> str:
         if self.prompt:
-            return self.prompt
+            return self.tokenizer(trainer, pl_module).to_symbols(self.prompt)
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "split"):
             return pl_module.tokenizer.decode(datamodule.split("val")[:1])
@@ -306,7 +312,7 @@ class TextSample(L.Callback):
         try:
             # a compiled model (model.compile=true) would recompile for every generation length: run it eagerly
             with torch.compiler.set_stance("force_eager"):
-                return generate(
+                symbols = generate(
                     pl_module.model,
                     pl_module.tokenizer,
                     self.start_text(trainer, pl_module),
@@ -315,6 +321,7 @@ class TextSample(L.Callback):
                     top_k=self.top_k,
                     seed=self.seed,
                 )[0]
+            return self.tokenizer(trainer, pl_module).to_text(symbols)  # a byte corpus's sample read as UTF-8
         except Exception as error:  # a sample is a courtesy: warn, never fail the run
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             if message not in self.failures:

@@ -76,7 +76,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not match its own model config ({error}).") from None
-    return model.to(device).eval(), CharTokenizer(meta["vocab"])
+    byte_level = (meta.get("data") or {}).get("encoding") == "bytes"  # trained on a byte corpus (enwik8)
+    return model.to(device).eval(), CharTokenizer(meta["vocab"], byte_level=byte_level)
 
 
 def _model_settings(config: dict) -> dict[str, object]:

@@ -235,7 +235,8 @@ def encode_corpus(
         if stale is not None and stale.name != index["ids_file"]:
             stale.unlink(missing_ok=True)  # the ids of the corpus's previous contents
     ids = np.memmap(folder / index["ids_file"], dtype=np.dtype(index["dtype"]), mode="r")
-    return EncodedCorpus(ids=ids, tokenizer=CharTokenizer(index["vocab"]), sha256=index["sha256"])
+    tokenizer = CharTokenizer(index["vocab"], byte_level=encoding == "bytes")
+    return EncodedCorpus(ids=ids, tokenizer=tokenizer, sha256=index["sha256"])
 
 
 def _build_cache(path: Path, folder: Path, index_path: Path, decode_errors: str, encoding: str, settings: dict) -> dict:

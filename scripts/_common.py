@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import unicodedata
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -56,9 +57,17 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
 MAX_NAME = 120  # file systems cap a path component at 255 bytes
 
 
+# What a Hydra value may hold unquoted (its override grammar), so that a run directory can be passed back as
+# ckpt=<dir> or resume=<dir>: letters and digits, `_-+.$%*@?|:`; '/' is left out (it would nest directories)
+UNQUOTED = re.compile(r"[^A-Za-z0-9_\-+.$%*@?|:]")
+
+
 def short_name(overrides: str) -> str:
     """A run directory name from its overrides ("key-value+key-value"): config-group choices first (they say
-    most about a run), then the rest; cut, with a hash to stay unique, where it would be too long."""
+    most about a run), then the rest; cut, with a hash to stay unique, where it would be too long. Characters a
+    Hydra value cannot hold unquoted are dropped (quotes) or replaced: accents by the letter (é: e), the rest by _."""
+    ascii_only = unicodedata.normalize("NFKD", overrides).encode("ascii", "ignore").decode()
+    overrides = UNQUOTED.sub("_", ascii_only.replace("'", "").replace('"', ""))
     items = overrides.split("+") if overrides else []
     name = "+".join(sorted(items, key=lambda item: "." in item.split("-", 1)[0]))
     if len(name) <= MAX_NAME:

@@ -5,7 +5,7 @@ against nanoGPT's recipe, generation speed, corpus preparation.
                                                                  # own set (base, compiled, whole runs): ~5 minutes
     python scripts/benchmark.py --presets tiny,small --steps 3 --skip corpus   # about a minute
     python scripts/benchmark.py --only generate --presets mini,small,base
-    python scripts/benchmark.py --only run                       # our default run vs nanoGPT's recipe, to the best
+    python scripts/benchmark.py --only run     # our default run vs nanoGPT's recipe, to the best (~6 min on a CPU)
     python scripts/benchmark.py --only quality                   # our default vs nanoGPT's CPU recipe, ~15 minutes
 
 Prints Markdown tables and writes them as JSON (--out). Numbers are comparable within one run on one machine only.
@@ -555,7 +555,9 @@ def main() -> None:
     parser.add_argument("--run-corpus", type=Path, help="run: the corpus of both runs (default Tiny Shakespeare)")
     parser.add_argument("--train-args", default="", help='run: overrides for our run, e.g. "trainer.max_steps=1000"')
     parser.add_argument(
-        "--nanogpt-args", default="", help='run: options for scripts/_nanogpt.py, e.g. "--set eval_iters=50"'
+        "--nanogpt-args",
+        default="",
+        help='run: options for scripts/_nanogpt.py, given with "=": --nanogpt-args="--set eval_iters=50"',
     )
     parser.add_argument("--patience", type=int, default=2, help="run: stop nanoGPT this many evaluations past its best")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmark.json"))

@@ -48,16 +48,18 @@ def run(cfg: DictConfig) -> None:
         file=sys.stderr,
         flush=True,
     )
-    prompt = str(cfg.prompt) or default_prompt(tokenizer)
+    # a byte-level model (data=enwik8) reads the prompt as its UTF-8 bytes, and its output is read back as UTF-8
+    prompt = tokenizer.to_symbols(str(cfg.prompt)) or default_prompt(tokenizer)
     tokenizer.encode(prompt)  # unknown characters: one clear sentence before any output
     seed = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**31)  # printed, so any text can be redone
+    readable = tokenizer.text_stream()
 
     def stream(ids: torch.Tensor) -> None:
-        sys.stdout.write(tokenizer.decode(ids))
+        sys.stdout.write(readable(tokenizer.decode(ids)))
         sys.stdout.flush()
 
     # one sample streams as it is made; several are made together, as one batch (about as fast as one), then printed
-    sys.stdout.write(prompt if cfg.num_samples == 1 else "")
+    sys.stdout.write(readable(prompt) if cfg.num_samples == 1 else "")
     sys.stdout.flush()
     start = time.perf_counter()
     texts = generate(
@@ -79,8 +81,10 @@ def run(cfg: DictConfig) -> None:
     if cfg.num_samples > 1:
         for i, text in enumerate(texts):
             print(f"\n----- sample {i + 1} of {cfg.num_samples} -----", file=sys.stderr, flush=True)
-            sys.stdout.write(text)
+            sys.stdout.write(tokenizer.to_text(text))
             sys.stdout.flush()
+    else:
+        sys.stdout.write(readable("", final=True))  # a byte-level sample's unfinished last character, if any
     sys.stdout.write("\n")
     sys.stdout.flush()
     total = cfg.max_new_tokens * cfg.num_samples

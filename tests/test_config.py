@@ -90,3 +90,17 @@ def test_optimizers_have_their_own_learning_rates(tmp_path):
     adamw = compose_train(tmp_path, ["optimizer=adamw"]).optimizer.lr
     adafactor = compose_train(tmp_path, ["optimizer=adafactor"]).optimizer.lr
     assert adafactor > 3 * adamw
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    ["callbacks.text_sample.prompt-'Café ☃'+model-tiny", "final_eval.context_multiples-[1,2]+data.path-a b"],
+)
+def test_a_run_directory_name_can_be_passed_back_as_a_hydra_value(overrides):
+    from _common import short_name
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    name = short_name(overrides)
+    (parsed,) = OverridesParser.create().parse_overrides([f"ckpt=outputs/runs/2026-11-27_10-00-00_{name}"])
+    assert parsed.value() == f"outputs/runs/2026-11-27_10-00-00_{name}"  # one string, not a list or a sweep
+    assert "/" not in name and name.count("+") == 1

@@ -31,6 +31,21 @@ def test_tokenizer_round_trip_including_non_ascii():
     assert tok.decode(torch.from_numpy(ids.astype(np.int64))) == text
 
 
+def test_a_byte_level_tokenizer_turns_text_into_utf8_bytes_and_back():
+    tok = CharTokenizer("".join(map(chr, range(256))), byte_level=True)
+    text = "Café ☃"
+    symbols = tok.to_symbols(text)
+    assert symbols == "Caf\xc3\xa9 \xe2\x98\x83" and tok.to_text(symbols) == text
+    assert tok.to_text("ab\xff") == "ab\ufffd"  # a byte that starts no UTF-8 character
+    stream = tok.text_stream()  # a multi-byte character appears once its last byte has come
+    assert [stream(c) for c in symbols] == ["C", "a", "f", "", "é", " ", "", "", "☃"]
+    assert stream("\xe2") == "" and stream("", final=True) == "\ufffd"  # unfinished at the end
+    plain = CharTokenizer("abé")  # a character model's symbols are its text
+    assert plain.to_symbols("é") == "é" and plain.to_text("é") == "é" and plain.text_stream()("é") == "é"
+    with pytest.raises(DataError, match="U\\+0000-U\\+00FF"):
+        CharTokenizer("a☃", byte_level=True)
+
+
 def test_tokenizer_names_unknown_characters():
     tok = CharTokenizer.from_text("abc")
     with pytest.raises(DataError, match="'z'"):

@@ -339,6 +339,33 @@ def test_generate_script_streams_text_to_stdout_only(trained_run):
     assert seeded[0] == seeded[1]
 
 
+def test_a_byte_level_model_takes_and_writes_utf8_text(tmp_path):
+    from conftest import make_corpus_text
+
+    # data.encoding=bytes (enwik8): the model's symbols are bytes, but prompts and samples are UTF-8 text
+    text = make_corpus_text(3000) + "Café naïve ☃\n" * 60
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text, encoding="utf-8")
+    train = ["model=tiny", "data.encoding=bytes", "data.seq_length=32", "trainer.max_steps=30", "logger=csv",
+             "callbacks.text_sample.prompt='Café'", "callbacks.throughput.peak_flops=null"]  # fmt: skip
+    run_script("train.py", f"paths.output_dir={tmp_path / 'outputs'}", f"data.path={corpus}", *train)
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    sample = (run / "sample.txt").read_text()
+    assert sample.startswith("Café") and "CafÃ©" not in sample  # not the prompt's bytes shown as latin-1 letters
+    model, tok = load_model(run)
+    assert tok.byte_level and tok.to_symbols("é") == "\xc3\xa9"
+
+    def expected(prompt: str, n: int, **kwargs) -> str:  # the model's bytes read as UTF-8 (U+FFFD where invalid)
+        texts = generate(model, tok, tok.to_symbols(prompt), n, **kwargs)
+        return "".join(tok.to_text(t) for t in texts) + "\n"
+
+    one = run_script("generate.py", f"ckpt={run}", "prompt=naïve ☃", "max_new_tokens=60", "temperature=0").stdout
+    assert one.startswith("naïve ☃") and one == expected("naïve ☃", 60, temperature=0)
+    args = ["prompt=☃", "max_new_tokens=40", "num_samples=2", "seed=5"]
+    two = run_script("generate.py", f"ckpt={run}", *args).stdout
+    assert two.count("☃") >= 2 and two == expected("☃", 40, num_samples=2, seed=5, temperature=0.8)
+
+
 def test_generate_script_stops_quietly_when_the_reader_of_its_output_quits(trained_run):
     run, _ = trained_run  # as in `python scripts/generate.py ... | head -c 10`
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
