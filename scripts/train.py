@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -421,12 +422,31 @@ def sweep_job(cfg: DictConfig) -> dict[str, float]:
         return {}
 
 
+def single_run(cfg: DictConfig) -> dict[str, float]:
+    """One run (not a sweep's job): a run that fails before it writes anything of its own (bad input) leaves no
+    directory behind, so outputs/runs/ lists runs only; a sweep's failed job keeps its summary.json instead."""
+    try:
+        return train(cfg)
+    except BaseException:
+        remove_if_nothing_was_run(Path(cfg.paths.run_dir))
+        raise
+
+
+def remove_if_nothing_was_run(run_dir: Path) -> None:
+    """Deletes `run_dir` if it holds only what Hydra writes at start (.hydra/, an empty train.log)."""
+    log = run_dir / "train.log"
+    if not run_dir.is_dir() or (log.is_file() and log.stat().st_size > 0):
+        return
+    if {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         metrics = sweep_job(cfg)
     else:
-        metrics = report_errors(train)(cfg)
+        metrics = report_errors(single_run)(cfg)
     return metrics.get("val/loss")  # the value a Hydra sweeper optimises (None: a failed trial)
 
 
