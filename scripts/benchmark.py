@@ -373,9 +373,9 @@ def chars_per_second(model, tokenizer, n_chars: int, repeats: int, **kwargs) -> 
 
 def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3, pairs: int = 5) -> list[dict]:
     """Characters per second of one stream and of eight, with the KV cache. On a GPU both take the compiled step (a
-    CUDA graph: generate.py's compile=true), beside one eager stream; on a CPU the eager step, faster there
-    (docs/speed.md), beside the compiled one, and the CPU decoding study: exact mode, no cache, passes over the
-    weights."""
+    CUDA graph: generate.py's compile=true), beside one eager stream; on a CPU the eager step (generate.py's default:
+    compiling costs seconds and pays only for long texts there), beside the compiled one, and the CPU decoding
+    study: exact mode, no cache, passes over the weights."""
     rows = []
     tokenizer = CharTokenizer("".join(sorted(set(SHAKESPEARE_ALPHABET))))
     cuda = torch.cuda.is_available()
