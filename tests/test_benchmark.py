@@ -14,29 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    """scripts/benchmark.py with `args`, its output captured."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
 def test_benchmark_runs_with_the_tiny_preset(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "benchmark.py"),
-            "--presets",
-            "tiny",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--generate-chars",
-            "20",
-            "--corpus-mb",
-            "1",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    tiny = ["--presets", "tiny", "--steps", "2", "--warmup", "1", "--generate-chars", "20", "--corpus-mb", "1"]
+    result = run_benchmark(*tiny, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     # bf16 only where the CPU has it natively (emulated, it is ~100x slower than fp32)
@@ -108,25 +95,10 @@ def test_the_run_part_compares_our_default_run_with_nanogpts_recipe_to_their_bes
     # nanoGPT at learning rate 0 stays near its initial loss, so ours reaches its best within 40 steps
     nanogpt = "--set n_layer=1 n_head=2 n_embd=32 block_size=32 eval_iters=2 eval_interval=10 warmup_iters=5 " \
               "learning_rate=0 min_lr=0 --max-iters 60"  # fmt: skip
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "benchmark.py"),
-            "--only",
-            "run",
-            "--run-corpus",
-            str(corpus),
-            "--train-args",
-            "model=tiny trainer.max_steps=40 trainer.val_check_interval=10 data.seq_length=32 "
-            "callbacks.throughput.peak_flops=null",
-            f"--nanogpt-args={nanogpt}",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    train = "model=tiny trainer.max_steps=40 trainer.val_check_interval=10 data.seq_length=32 "
+    train += "callbacks.throughput.peak_flops=null"
+    result = run_benchmark("--only", "run", "--run-corpus", str(corpus), "--train-args", train,
+                           f"--nanogpt-args={nanogpt}", "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = json.loads(out.read_text())["run"]["rows"]
     summary = json.loads((tmp_path / "bench" / "run" / "default" / "summary.json").read_text())
@@ -149,7 +121,5 @@ def test_the_run_part_compares_our_default_run_with_nanogpts_recipe_to_their_bes
 
 
 def test_an_unknown_part_is_one_line_naming_the_parts():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--only", "trian"], capture_output=True, text=True
-    )
+    result = run_benchmark("--only", "trian")
     assert result.returncode == 2 and "unknown part 'trian' in --only; choose from peak, train" in result.stderr
