@@ -516,6 +516,74 @@ def markdown(rows: list[dict], columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def print_table(title: str, rows: list[dict], columns: dict[str, str]) -> None:
+    print(f"## {title}\n\n{markdown(rows, columns)}\n")
+
+
+# Each table's columns: {key in the rows: heading}; a column no row measured is left out.
+TRAINING_COLUMNS = {
+    "preset": "preset",
+    "precision": "precision",
+    "compiled": "compiled",
+    "batch": "batch",
+    "context": "context",
+    "ms_per_step": "ms/step",
+    "tokens_per_s": "tokens/s",
+    "mfu": "MFU",
+    "data_share": "data time",
+    "peak_rss_mb": "peak RSS MB",
+    "peak_gpu_mb": "peak GPU MB",
+    "plain_ms_per_step": "plain loop ms/step",
+    "lightning_overhead": "Lightning overhead",
+}
+REFERENCE_COLUMNS = {
+    "preset": "preset",
+    "compiled": "both compiled",
+    "ours_precision": "ours: precision",
+    "ours_ms": "ours: ms/step",
+    "nanogpt_fp32_ms": "nanoGPT fp32 ms/step",
+    "nanogpt_bf16_ms": "nanoGPT bf16 autocast ms/step",
+    "speedup_vs_fp32": "speed-up vs fp32",
+    "speedup_vs_bf16": "speed-up vs bf16",
+}
+RUN_COLUMNS = {
+    "run": "run",
+    "best_val_loss": "best val loss",
+    "best_step": "at step",
+    "time_to_best_s": "s from launch to it",
+    "time_to_nanogpt_best_s": "s to nanoGPT's best loss",
+    "last_val_loss": "last val loss",
+    "steps": "steps",
+    "wall_s": "process wall s",
+    "compile_s": "compiling s",
+    "validation_share": "validation, share of wall",
+    "after_validation_share": "of which samples and checkpoint calls",
+}
+GENERATION_COLUMNS = {
+    "preset": "preset",
+    "context": "context",
+    "chars_per_s_cache": "chars/s, KV cache",
+    "chars_per_s_exact": "chars/s, KV cache, exact",
+    "chars_per_s_compiled": "chars/s, compiled step",
+    "compile_s": "compile s",
+    "chars_per_s_8_streams": "chars/s, 8 streams (total)",
+    "streams_speedup": "8 streams / one",
+    "chars_per_s_no_cache": "chars/s, no cache",
+    "weight_pass_ms": "one pass over the weights, ms",
+    "weight_pass_one_stream_ms": "the same as one stream reads them, ms",
+    "limit_chars_per_s": "limit chars/s (batch 1)",
+    "weight_pass_8_rows_ms": "a pass with 8 rows, ms",
+    "weight_pass_8_streams_ms": "the same as 8 streams read them, ms",
+}
+CORPUS_COLUMNS = {
+    "prepare_s": "prepare s (once)",
+    "open_s": "open s (cached)",
+    "prepare_peak_rss_mb": "peak RSS preparing MB",
+    "train_peak_rss_mb": "peak RSS training (small) MB",
+    "train_ms_per_step": "ms/step",
+}
+
+
 # What a plain `python scripts/benchmark.py` measures: on a CPU every preset and the CPU's own studies (about 10
 # minutes on 2 cores); on a GPU, in about 5 minutes, what a GPU user asks: nanoGPT's size compiled against nanoGPT
 # compiled, our default run against nanoGPT's recipe, sampling. Compiled where each project compiles by default:
@@ -623,48 +691,12 @@ def main() -> None:
             rows = bench_training(presets, precisions, args.steps, args.warmup, corpus, peaks, compile, plain)
             report["training"] = rows
             title = "Training step (Lightning, as scripts/train.py runs it)" + (" vs a plain PyTorch loop" * plain)
-            print(f"## {title}\n")
-            print(
-                markdown(
-                    rows,
-                    {
-                        "preset": "preset",
-                        "precision": "precision",
-                        "compiled": "compiled",
-                        "batch": "batch",
-                        "context": "context",
-                        "ms_per_step": "ms/step",
-                        "tokens_per_s": "tokens/s",
-                        "mfu": "MFU",
-                        "data_share": "data time",
-                        "peak_rss_mb": "peak RSS MB",
-                        "peak_gpu_mb": "peak GPU MB",
-                        "plain_ms_per_step": "plain loop ms/step",
-                        "lightning_overhead": "Lightning overhead",
-                    },
-                )
-                + "\n"
-            )
+            print_table(title, rows, TRAINING_COLUMNS)
             if "reference" in parts:
                 rows = bench_reference(presets, precisions, args.steps, args.warmup, corpus, rows, compile)
                 report["reference"] = rows
-                print("## Against nanoGPT's model and training loop (plain PyTorch), same sizes and batches\n")
-                print(
-                    markdown(
-                        rows,
-                        {
-                            "preset": "preset",
-                            "compiled": "both compiled",
-                            "ours_precision": "ours: precision",
-                            "ours_ms": "ours: ms/step",
-                            "nanogpt_fp32_ms": "nanoGPT fp32 ms/step",
-                            "nanogpt_bf16_ms": "nanoGPT bf16 autocast ms/step",
-                            "speedup_vs_fp32": "speed-up vs fp32",
-                            "speedup_vs_bf16": "speed-up vs bf16",
-                        },
-                    )
-                    + "\n"
-                )
+                title = "Against nanoGPT's model and training loop (plain PyTorch), same sizes and batches"
+                print_table(title, rows, REFERENCE_COLUMNS)
     if "run" in parts:
         print("  run: ours, then nanoGPT's recipe", file=sys.stderr, flush=True)
         out_dir = Path(args.out).parent / "run"
@@ -672,26 +704,8 @@ def main() -> None:
         run = bench_run(out_dir, args.run_corpus, train_args, nanogpt_args, args.patience)
         report["run"] = run
         ours, nanogpt = run["rows"]
-        print("## Our default run against nanoGPT's recipe (fresh processes, start-up and compiling included)\n")
-        print(
-            markdown(
-                run["rows"],
-                {
-                    "run": "run",
-                    "best_val_loss": "best val loss",
-                    "best_step": "at step",
-                    "time_to_best_s": "s from launch to it",
-                    "time_to_nanogpt_best_s": "s to nanoGPT's best loss",
-                    "last_val_loss": "last val loss",
-                    "steps": "steps",
-                    "wall_s": "process wall s",
-                    "compile_s": "compiling s",
-                    "validation_share": "validation, share of wall",
-                    "after_validation_share": "of which samples and checkpoint calls",
-                },
-            )
-            + "\n"
-        )
+        title = "Our default run against nanoGPT's recipe (fresh processes, start-up and compiling included)"
+        print_table(title, run["rows"], RUN_COLUMNS)
         print(
             "Ours: over the whole validation split. nanoGPT: its own estimate (the mean of eval_iters random "
             "batches).\n"
@@ -701,41 +715,14 @@ def main() -> None:
     if "generate" in parts:
         rows = bench_generation(presets, args.generate_chars, "fp32")
         report["generation"] = rows
-        print(f"## Generation of {args.generate_chars} characters (fp32, sampling at temperature 1)\n")
         streams = "compiled step" if device == "cuda" else "KV cache"
-        print(
-            markdown(
-                rows,
-                {
-                    "preset": "preset",
-                    "context": "context",
-                    "chars_per_s_cache": "chars/s, KV cache",
-                    "chars_per_s_exact": "chars/s, KV cache, exact",
-                    "chars_per_s_compiled": "chars/s, compiled step",
-                    "compile_s": "compile s",
-                    "chars_per_s_8_streams": f"chars/s, 8 streams (total, {streams})",
-                    "streams_speedup": "8 streams / one",
-                    "chars_per_s_no_cache": "chars/s, no cache",
-                    "weight_pass_ms": "one pass over the weights, ms",
-                    "weight_pass_one_stream_ms": "the same as one stream reads them, ms",
-                    "limit_chars_per_s": "limit chars/s (batch 1)",
-                    "weight_pass_8_rows_ms": "a pass with 8 rows, ms",
-                    "weight_pass_8_streams_ms": "the same as 8 streams read them, ms",
-                },
-            )
-            + "\n"
-        )
+        columns = {**GENERATION_COLUMNS, "chars_per_s_8_streams": f"chars/s, 8 streams (total, {streams})"}
+        print_table(f"Generation of {args.generate_chars} characters (fp32, sampling at temperature 1)", rows, columns)
     if "quality" in parts:
         quality = bench_quality(Path(args.out).parent / "quality")
         report["quality"] = quality
-        print("## Validation loss at equal wall time (Tiny Shakespeare, start-up included)\n")
-        print(
-            markdown(
-                quality["rows"],
-                {"run": "run", "wall_s": "wall s", "val_loss": "val loss"},
-            )
-            + "\n"
-        )
+        title = "Validation loss at equal wall time (Tiny Shakespeare, start-up included)"
+        print_table(title, quality["rows"], {"run": "run", "wall_s": "wall s", "val_loss": "val loss"})
         print(
             "Ours: over the whole validation split. nanoGPT: its own estimate (mean of 20 random batches of 12 x 64).\n"
             f"Ours lower by {quality['gain_at_nanogpt_time']:.3f} nats at nanoGPT's wall time and "
@@ -744,20 +731,7 @@ def main() -> None:
     if "corpus" in parts:
         row = bench_corpus(args.corpus_mb, args.steps)
         report["corpus"] = row
-        print(f"## A {args.corpus_mb} MB corpus\n")
-        print(
-            markdown(
-                [row],
-                {
-                    "prepare_s": "prepare s (once)",
-                    "open_s": "open s (cached)",
-                    "prepare_peak_rss_mb": "peak RSS preparing MB",
-                    "train_peak_rss_mb": "peak RSS training (small) MB",
-                    "train_ms_per_step": "ms/step",
-                },
-            )
-            + "\n"
-        )
+        print_table(f"A {args.corpus_mb} MB corpus", [row], CORPUS_COLUMNS)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"JSON: {args.out}")
