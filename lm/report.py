@@ -430,10 +430,15 @@ def _extrapolation(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
         plt.close(fig)
         return None
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="evaluation context length (characters)", ylabel="validation bits per character")
-    ax.set_title("Reading past the training context")
+    return _labelled(fig, ax, "Reading past the training context", "evaluation context length (characters)",
+                     "validation bits per character")  # fmt: skip
+
+
+def _labelled(fig, ax, title: str, xlabel: str, ylabel: str, legend: dict | None = None):
+    """Titles and labels a plot, with a light grid and a small legend; returns the figure."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(**(legend or {"fontsize": 8}))
     return fig
 
 
@@ -540,11 +545,8 @@ def _context(plt, rows: list[dict]):
                 label=f"{name}, read at 2x",
             )
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="training context (characters)", ylabel="final validation loss (nats/char)")
-    ax.set_title("Context length at equal characters per step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _labelled(fig, ax, "Context length at equal characters per step", "training context (characters)",
+                     "final validation loss (nats/char)")  # fmt: skip
 
 
 def _train_val(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
@@ -567,10 +569,8 @@ def _train_val(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
             train.append([values[(steps > a) & (steps <= b)].mean() for a, b in zip(edges, edges[1:], strict=False)])
         ax.plot(val_steps, val, color=colors[label], marker="o", label=f"{label}: validation")
         ax.plot(val_steps, np.nanmean(train, axis=0), color=colors[label], linestyle="--", label=f"{label}: training")
-    ax.set(xlabel="step", ylabel="loss (nats/char)", title="Training and validation loss (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return fig
+    title = "Training and validation loss (mean over seeds)"
+    return _labelled(fig, ax, title, "step", "loss (nats/char)", legend=dict(fontsize=7, ncol=2))
 
 
 def _save(fig, path: Path) -> Path:
