@@ -468,12 +468,8 @@ def _scaling(plt, sizes: SizeSweep, rows: list[dict]):
         ax.annotate(r["configuration"], (r["parameters"], r["val_loss"]), fontsize=7, alpha=0.7)
     grid = np.geomspace(min(r["parameters"] for r in means), max(r["parameters"] for r in means), 50)
     ax.plot(grid, law(grid), "--", label=str(law))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter("%.2f"))
+    _log_log(plt, ax, "%.2f")
     ax.set(xlabel="parameters", ylabel="final validation loss (nats/char)", title="Scaling with model size")
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig
 
@@ -497,15 +493,20 @@ def _compute(plt, curves: dict[str, tuple[np.ndarray, np.ndarray]], colors: dict
         alpha=0.6,
         label="frontier: lowest loss with at most so many FLOPs",
     )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_log(plt, ax, "%.1f")
     ax.set(xlabel="training FLOPs (forward + backward)", ylabel="validation loss (nats/char)")
-    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.set_title("Loss against compute, each size (mean over seeds)")
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig
+
+
+def _log_log(plt, ax, minor_format: str) -> None:
+    """Log scales on both axes, losses written out as numbers (not powers of ten), a grid at every tick."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FormatStrFormatter(minor_format))
+    ax.grid(alpha=0.3, which="both")
 
 
 def _context(plt, rows: list[dict]):
