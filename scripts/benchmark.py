@@ -2,7 +2,7 @@
 against nanoGPT's recipe, generation speed, corpus preparation.
 
     python scripts/benchmark.py                                  # on 2 CPU cores about 10 minutes; on a GPU, its
-                                                                 # own set (base, compiled, whole runs): ~5 minutes
+                                                                 # own set (base, compiled, whole runs), for 5 min
     python scripts/benchmark.py --presets tiny,small --steps 3 --skip corpus   # about a minute
     python scripts/benchmark.py --only generate --presets mini,small,base
     python scripts/benchmark.py --only run     # our default run vs nanoGPT's recipe, to the best (~6 min on a CPU)
@@ -585,7 +585,7 @@ CORPUS_COLUMNS = {
 
 
 # What a plain `python scripts/benchmark.py` measures: on a CPU every preset and the CPU's own studies (about 10
-# minutes on 2 cores); on a GPU, in about 5 minutes, what a GPU user asks: nanoGPT's size compiled against nanoGPT
+# minutes on 2 cores); on a GPU, meant to fit 5 minutes, what a GPU user asks: nanoGPT's size compiled against nanoGPT
 # compiled, our default run against nanoGPT's recipe, sampling. Compiled where each project compiles by default:
 # ours on CUDA only (model.compile=auto), nanoGPT on a GPU (its compile=True; its CPU recipe turns it off).
 DEFAULTS = {
