@@ -1,7 +1,8 @@
 """transformer-lm: a character-level Transformer language model.
 
 The plain-Python API: `load_model(path)` returns a trained model and its tokenizer, and `generate(...)` samples
-from it. Training lives in `lm.module` / `lm.data` (Lightning) and is driven by `scripts/train.py` (Hydra).
+from it. Training is `lm.train.train(cfg)` (Lightning: `lm.module`, `lm.data`), driven by `scripts/train.py`
+(Hydra). docs/architecture.md shows how the package is laid out.
 """
 
 from lm.checkpoint import load_model

@@ -11,8 +11,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from lm.data import write_atomically
 from lm.errors import LMError
+from lm.files import write_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

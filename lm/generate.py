@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from lm.decoding import KVCache, decode_step, decoding_matrices, decoding_positions, rewind_cache, sliding_cache
+from lm.decoding import decode_step, decoding_matrices, rewind_cache, sliding_cache
 from lm.errors import ConfigError, is_count, is_number
-from lm.model import Transformer
+from lm.model import KVCache, Transformer, decoding_positions
 from lm.tokenizer import CharTokenizer
 
 
@@ -73,7 +73,7 @@ def default_prompt(tokenizer: CharTokenizer) -> str:
     return "\n" if "\n" in tokenizer.vocab else tokenizer.vocab[0]
 
 
-def decoding_step(model: Transformer, compile: bool = False) -> Callable:
+def prepared_decode_step(model: Transformer, compile: bool = False) -> Callable:
     """`decode_step` for `model`, compiled once per model when asked (the compiled function is kept on the model).
 
     On CUDA the compiled step is captured as a CUDA graph (`mode="reduce-overhead"`): a one-character step is a few
@@ -187,7 +187,7 @@ def generate(
     length = len(prompt_ids)
     was_training = model.training
     model.eval()
-    step = decoding_step(model, compile) if kv_cache else None
+    step = prepared_decode_step(model, compile) if kv_cache else None
     matrices = decoding_matrices(model, num_samples, compile) if kv_cache and not exact else None
     logits_for_next = NextCharacterLogits(model, num_samples, kv_cache, step, matrices)
     # uniforms for inverse-CDF sampling, drawn at once: one operation less per character

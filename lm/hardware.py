@@ -102,3 +102,12 @@ def retain_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # another C library (musl), or none by that name
         return False
+
+
+def resolve_device(name: str) -> str:
+    """'auto' is CUDA when PyTorch sees a GPU, else the CPU; asking for a missing GPU is a clear error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was asked for, but PyTorch sees no CUDA GPU; use device=cpu or device=auto.")
+    return name

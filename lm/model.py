@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +27,7 @@ from lm.positional import (
     SinusoidalPositionalEncoding,
 )
 
-if TYPE_CHECKING:
-    from lm.decoding import KVCache  # generation's cache, which `Transformer.forward` fills from a prompt
-
-__all__ = ["POSITIONAL_ENCODINGS", "ContextTooLongError", "Transformer", "TransformerConfig"]
+__all__ = ["POSITIONAL_ENCODINGS", "ContextTooLongError", "KVCache", "Transformer", "TransformerConfig"]
 
 INITS = ("gpt2", "pytorch", "xavier")
 
@@ -208,6 +204,46 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, bias, cache)
         return x + self.mlp(self.ln_2(x))
+
+
+def decoding_positions(max_length: int) -> int:
+    """How many positions decoding steps with a cache of `max_length` slots can be at: a sliding cache's positions
+    are kept below twice its slots (`rewind_cache`), and RoPE's decoding table covers them."""
+    return 2 * max_length
+
+
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far, preallocated up to `max_length`.
+
+    Layer i's keys are `kv[i][0]` and its values `kv[i][1]`, each (B, H, max_length, D): one tensor per layer, so a
+    decoding step writes a position's key and value with one copy. `matrices`, when given, maps a model's
+    `nn.Linear` modules to the matrices that one-position steps multiply with instead of their own weights (see
+    `decoding_matrices`).
+
+    Decoding steps may go past `max_length` where the model's scores depend only on distances
+    (`sliding_cache`): position p then lives in slot p % max_length, overwriting the oldest, and
+    `rewind_cache` keeps the positions below 2 x max_length.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        batch_size: int,
+        max_length: int,
+        device,
+        dtype,
+        matrices: dict[nn.Module, torch.Tensor | torch.ScriptObject] | None = None,
+    ):
+        shape = (2, batch_size, config.n_head, max_length, config.head_dim)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        # 0-d position tensors for decoding steps (also the slot indices of their visibility mask)
+        self.positions = torch.arange(decoding_positions(max_length), device=device)
+        self.length = 0  # positions decoded so far (the next position)
+        self.max_length = max_length
+        self.matrices = matrices or {}
+        if torch.device(device).type == "cuda":  # a compiled step mutates them in place inside a CUDA graph
+            for tensor in (*self.kv, self.positions):
+                torch._dynamo.mark_static_address(tensor)
 
 
 class Transformer(nn.Module):

@@ -14,9 +14,8 @@ from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 
 from lm.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
-from lm.data import IGNORE_INDEX
 from lm.errors import ConfigError, TrainingDivergedError, is_count, is_number
-from lm.evaluate import summed_loss
+from lm.loss import IGNORE_INDEX, summed_loss
 from lm.model import Transformer, TransformerConfig
 from lm.optim import parameter_groups
 from lm.tokenizer import CharTokenizer

@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT
-
+from lm.config import PROJECT_ROOT as ROOT
 from lm.data import CharDataModule
 
 
@@ -161,3 +160,18 @@ def bench_run(
     ours["time_to_nanogpt_best_s"] = reached["time"] - ours_launched if reached else None
     ours["step_to_nanogpt_best"] = reached["step"] if reached else None
     return {"rows": [ours, nanogpt]}
+
+
+def reached_nanogpt(ours: dict, nanogpt: dict) -> str:
+    """A sentence on when our run first reached nanoGPT's best validation loss."""
+    if ours["time_to_nanogpt_best_s"] is None:
+        return f"Ours never reached nanoGPT's best loss ({nanogpt['best_val_loss']:.4f})."
+    return (
+        f"Ours reached nanoGPT's best loss ({nanogpt['best_val_loss']:.4f}) by step {ours['step_to_nanogpt_best']}, "
+        f"{ours['time_to_nanogpt_best_s']:.1f} s from launch (its first validation at or below it), "
+        f"{ours['time_to_nanogpt_best_s'] / nanogpt['time_to_best_s']:.2f}x nanoGPT's time."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Big corpus (in a child process, so its memory figures are its own)

@@ -6,137 +6,21 @@
     python scripts/evaluate.py ckpt=outputs/runs/<run>/ past_context=1000     # + predictions past the context
     python scripts/evaluate.py ckpt=outputs/runs/<run>/ split=test            # the test split (enwik8, text8)
 
-Prints a Markdown table and writes it, with a JSON copy, next to the checkpoint.
+Prints a Markdown table and writes it, with a JSON copy, next to the checkpoint. The work is
+`lm.commands.evaluate_checkpoint`.
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
 import hydra
-import torch
-from _common import CONFIG_DIR, ROOT, report_errors, resolve_device
 from omegaconf import DictConfig
 
-from lm.checkpoint import CHECKPOINT_KEY, load_model, read_checkpoint
-from lm.data import ENCODINGS, encode_corpus, split_bounds
-from lm.errors import ConfigError, DataError, is_count, is_number
-from lm.evaluate import evaluate, past_context_losses, past_context_table, results_table, write_report
-from lm.hardware import bf16_supported
-
-PAST_CONTEXT_STREAMS = 8  # stretches of the split read side by side for past_context
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """The settings that need no checkpoint, checked before one is loaded, so that a bad one fails at once."""
-    if cfg.split not in ("val", "test"):
-        raise ConfigError(f"split={cfg.split} must be val or test.")
-    if cfg.split == "test" and cfg.data.path is not None:
-        raise ConfigError("split=test reads the training corpus's test split; with data.path= the whole file is read.")
-    if str(cfg.precision) not in ("auto", "bf16", "32"):
-        raise ConfigError(f"precision={cfg.precision} must be auto, bf16 or 32.")
-    if cfg.past_context is not None and not is_count(cfg.past_context):
-        raise ConfigError(
-            f"past_context={cfg.past_context} must be a positive number of characters, e.g. 1000, or null."
-        )
-    if not is_count(cfg.data.batch_size):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a positive integer.")
-    fraction = cfg.data.val_fraction
-    if fraction is not None and (not is_number(fraction) or not 0 < fraction < 1):
-        raise ConfigError(f"data.val_fraction={fraction} must be between 0 and 1 (exclusive), or null as in training.")
-    if cfg.output:
-        try:
-            Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(
-                f"output={cfg.output}: its folder cannot be made ({error.strerror}); pass output= a path you can write."
-            ) from error
-
-
-@report_errors
-def run(cfg: DictConfig) -> list[dict]:
-    check_settings(cfg)
-    device = resolve_device(cfg.device)
-    checkpoint, ckpt_path = read_checkpoint(cfg.ckpt)
-    data_info = checkpoint[CHECKPOINT_KEY].get("data", {})
-    del checkpoint
-    model, tokenizer = load_model(ckpt_path, device=device)
-
-    if cfg.data.path is not None:
-        source = Path(cfg.data.path).expanduser()
-        if not source.is_file():
-            raise DataError(f"The evaluation file {source} does not exist; pass data.path= a text file.")
-        ids = tokenizer.encode(source.read_text(encoding=ENCODINGS[data_info.get("encoding", "utf-8")]))
-        split = f"all of {source}"
-    else:
-        corpus_path = data_info.get("path")
-        if not corpus_path:
-            raise DataError(f"{ckpt_path} does not record its training corpus; pass data.path= a text file.")
-        if not Path(corpus_path).is_file():
-            raise DataError(f"The training corpus {corpus_path} is not there any more; pass data.path= a text file.")
-        encoding = data_info.get("encoding", "utf-8")
-        corpus = encode_corpus(corpus_path, ROOT / "data" / "cache", encoding=encoding)
-        if corpus.tokenizer.vocab != tokenizer.vocab:
-            raise DataError(f"{corpus_path} has changed since training (its vocabulary differs); pass data.path=.")
-        split_sizes = data_info.get("split_sizes")
-        val_fraction = cfg.data.val_fraction or data_info["val_fraction"]
-        bounds = split_bounds(len(corpus.ids), val_fraction, split_sizes)
-        if cfg.split not in bounds:
-            raise DataError(
-                f"The training corpus {corpus_path} has no test split (it was split into training and validation by "
-                "data.val_fraction); evaluate split=val, or train with data.split_sizes=[train,val,test]."
-            )
-        start, end = bounds[cfg.split]
-        ids = corpus.ids[start:end]
-        name = {"val": "validation", "test": "test"}[cfg.split]
-        where = f"characters {start}-{end}" if split_sizes else f"last {val_fraction:.0%}"
-        split = f"{name} split of {corpus_path} ({where})"
-
-    lengths = cfg.context_lengths or [model.config.seq_length]
-    lengths = [lengths] if isinstance(lengths, int | str) else list(lengths)  # context_lengths=512 means [512]
-    if not all(is_count(n) for n in lengths):
-        raise ConfigError(f"context_lengths={lengths} must be positive integers, e.g. [64,128,256,512].")
-    precision, past_context = str(cfg.precision), cfg.past_context
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
-    dtype = torch.bfloat16 if use_bf16 else None
-
-    print(
-        f"[evaluate] {ckpt_path}: {split}, {len(ids)} characters, {'bf16' if use_bf16 else 'fp32'} on {device}",
-        file=sys.stderr,
-        flush=True,
-    )
-    # generation's ways of going on past the context, in float32; first, so a split too short fails at once
-    losses = past_context_losses(model, ids, past_context, PAST_CONTEXT_STREAMS) if past_context else None
-    results = [evaluate(model, ids, n, cfg.data.batch_size, dtype) for n in lengths]
-    table = results_table(results, model.config.seq_length)
-    print(table)
-
-    if past_context:
-        past_table = f"{PAST_CONTEXT_STREAMS} x {past_context} predictions past a first full context (fp32):\n\n"
-        past_table += past_context_table(losses)
-        print(f"\n{past_table}")
-        table += f"\n\n{past_table}"
-
-    # the test split's report beside the validation one: best.test.eval.md
-    stem = Path(cfg.output) if cfg.output else ckpt_path.with_suffix(".test" if cfg.split == "test" else "")
-    report = {
-        "checkpoint": str(ckpt_path),
-        "split": split,
-        "precision": "bf16" if use_bf16 else "fp32",
-        "model": model.config.to_dict(),
-        "results": [r.to_dict() for r in results],
-    }
-    if past_context:
-        report["past_context"] = {"streams": PAST_CONTEXT_STREAMS, "characters": past_context, "losses": losses}
-    write_report(stem, report, table, f"Evaluation of `{ckpt_path}` on the {split}")
-    print(f"[evaluate] wrote {stem}.eval.md and {stem}.eval.json", file=sys.stderr)
-    return report["results"]
+from lm.commands import evaluate_checkpoint
+from lm.config import CONFIG_DIR
+from lm.console import report_errors
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    report_errors(evaluate_checkpoint)(cfg)
 
 
 if __name__ == "__main__":

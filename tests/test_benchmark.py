@@ -1,17 +1,22 @@
 """The benchmark runs end to end with the tiny preset (its numbers are not checked: it is not a timed test), and
 nanoGPT's reference loop trains."""
 
+import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import make_corpus_text
+from helpers import ROOT, make_corpus_text
 
 from lm.hardware import cpu_supports_bf16
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+
+def nanogpt_module():
+    """scripts/_nanogpt.py as a module: nanoGPT's reference model and training loop."""
+    spec = importlib.util.spec_from_file_location("_nanogpt", ROOT / "scripts" / "_nanogpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
@@ -53,7 +58,7 @@ def test_benchmark_runs_with_the_tiny_preset(tmp_path):
 
 
 def test_nanogpt_reference_recipe_trains(tmp_path):
-    from _nanogpt import train_recipe
+    train_recipe = nanogpt_module().train_recipe
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_corpus_text(20000))
@@ -67,7 +72,8 @@ def test_nanogpt_reference_recipe_trains(tmp_path):
 
 
 def test_nanogpt_gpu_recipe_is_its_shakespeare_config_and_patience_stops_past_the_best(tmp_path):
-    from _nanogpt import GPU_RECIPE, train_recipe
+    nanogpt = nanogpt_module()
+    GPU_RECIPE, train_recipe = nanogpt.GPU_RECIPE, nanogpt.train_recipe
 
     # config/train_shakespeare_char.py, compiled in bf16 as nanoGPT runs it on a GPU
     expected = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, max_iters=5000,

@@ -1,21 +1,16 @@
 """Every value of every config group composes with the rest and instantiates."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import _common  # noqa: E402,F401  (registers the resolvers the configs use)
-
-from lm.model import Transformer, TransformerConfig  # noqa: E402
-from lm.optim import parameter_groups  # noqa: E402
+import lm.config  # noqa: F401  (registers the resolvers the configs use)
+from lm.model import Transformer, TransformerConfig
+from lm.optim import parameter_groups
 
 GROUPS = {
     group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
@@ -97,8 +92,9 @@ def test_optimizers_have_their_own_learning_rates(tmp_path):
     ["callbacks.text_sample.prompt-'Café ☃'+model-tiny", "final_eval.context_multiples-[1,2]+data.path-a b"],
 )
 def test_a_run_directory_name_can_be_passed_back_as_a_hydra_value(overrides):
-    from _common import short_name
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lm.config import short_name
 
     name = short_name(overrides)
     (parsed,) = OverridesParser.create().parse_overrides([f"ckpt=outputs/runs/2026-11-27_10-00-00_{name}"])

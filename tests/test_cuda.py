@@ -2,10 +2,7 @@
 
 import pytest
 import torch
-from test_generate import VOCAB, random_model
-from test_optim import loss_of, tiny_model
-from test_robustness import FAST, csv_column, last_checkpoint, only_run
-from test_train import run_train
+from helpers import FAST, VOCAB, csv_column, last_checkpoint, loss_of, only_run, random_model, run_train, tiny_model
 
 from lm import generate
 from lm.model import POSITIONAL_ENCODINGS, Transformer, TransformerConfig

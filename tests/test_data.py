@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from lm.data import (
-    IGNORE_INDEX,
-    CharDataModule,
-    RandomWindowBatches,
-    ValidationWindows,
-    download,
-    encode_corpus,
-    split_bounds,
-)
+from lm.corpus import encode_corpus
+from lm.data import CharDataModule, RandomWindowBatches, ValidationWindows, split_bounds
 from lm.errors import ConfigError, DataError
+from lm.files import download
+from lm.loss import IGNORE_INDEX
 from lm.tokenizer import CharTokenizer
 
 
@@ -84,9 +79,9 @@ def test_encode_corpus_caches_ids_and_reopens_without_rebuilding(corpus):
 
 def test_encode_corpus_streams_in_chunks(monkeypatch, tmp_path):
     # multi-byte characters split across chunk boundaries must survive
-    import lm.data
+    import lm.corpus
 
-    monkeypatch.setattr(lm.data, "CHUNK_BYTES", 7)
+    monkeypatch.setattr(lm.corpus, "CHUNK_BYTES", 7)
     text = "ab€cdé😀fg\n" * 50
     path = tmp_path / "u.txt"
     path.write_text(text, encoding="utf-8")
@@ -95,11 +90,11 @@ def test_encode_corpus_streams_in_chunks(monkeypatch, tmp_path):
 
 
 def test_cache_goes_to_fallback_when_folder_is_not_writable(corpus, tmp_path, monkeypatch):
-    import lm.data
+    import lm.corpus
 
     real_access = os.access
     monkeypatch.setattr(
-        lm.data.os, "access", lambda p, mode: False if Path(p) == corpus.parent else real_access(p, mode)
+        lm.corpus.os, "access", lambda p, mode: False if Path(p) == corpus.parent else real_access(p, mode)
     )
     fallback = tmp_path / "cache"
     encode_corpus(corpus, cache_dir=fallback)
@@ -219,7 +214,7 @@ def test_download_checks_sha256_and_writes_atomically(http_root, tmp_path):
 def test_data_module_downloads_default_corpus_once(http_root, tmp_path):
     import hashlib
 
-    from conftest import make_corpus_text
+    from helpers import make_corpus_text
 
     root, url = http_root
     body = make_corpus_text().encode()

@@ -6,11 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_corpus_text
-from test_robustness import FAST, last_checkpoint, only_run
-from test_train import run_train
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import FAST, ROOT, last_checkpoint, make_corpus_text, only_run, run_train
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +90,7 @@ def test_a_damaged_checkpoint_is_one_sentence_for_resume_and_ckpt_path(tmp_path,
 def run_train_with(patch: str, args: list[str], outputs: Path) -> subprocess.CompletedProcess:
     """scripts/train.py with `patch` (Python run first in the same process) standing in for a failing machine."""
     script = (
-        f"import runpy, sys\nsys.path.insert(0, {str(ROOT / 'scripts')!r})\n{patch}\n"
+        f"import runpy, sys\n{patch}\n"
         f"sys.argv = ['train.py', *{[f'paths.output_dir={outputs}', *args]!r}]\n"
         f"runpy.run_path({str(ROOT / 'scripts' / 'train.py')!r}, run_name='__main__')\n"
     )

@@ -5,22 +5,19 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, VOCAB, make_corpus_text, random_model, run_script
 from torch._dynamo.utils import counters
 
 from lm import generate, load_model
-from lm.decoding import KVCache, decode_linear, decode_step, decoding_matrices, rewind_cache, sliding_cache
+from lm.decoding import decode_linear, decode_step, decoding_matrices, rewind_cache, sliding_cache
 from lm.errors import CheckpointError, ConfigError, DataError
-from lm.evaluate import past_context_losses
-from lm.model import POSITIONAL_ENCODINGS, Transformer, TransformerConfig
+from lm.model import POSITIONAL_ENCODINGS, KVCache, Transformer, TransformerConfig
+from lm.past_context import past_context_losses
 from lm.tokenizer import CharTokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-VOCAB = "".join(sorted(set("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")))
 
 
 def one_layer_model(pe: str) -> Transformer:
@@ -31,20 +28,6 @@ def one_layer_model(pe: str) -> Transformer:
         vocab_size=len(VOCAB), seq_length=8, n_layer=1, n_head=2, n_embd=16, pos_encoding={"name": pe}
     )
     return Transformer(config).eval()
-
-
-def random_model(pe: str, seq_length: int = 24) -> Transformer:
-    torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=len(VOCAB), seq_length=seq_length, n_layer=2, n_head=2, n_embd=32, pos_encoding={"name": pe}
-    )
-    model = Transformer(config).eval()
-    # larger weights than at initialisation: varied text, and greedy choices that are not near-ties
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0, 0.5)
-    return model
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
@@ -245,19 +228,8 @@ def test_bad_sampling_arguments_are_rejected(kwargs):
 # Checkpoints and scripts
 
 
-def run_script(name, *args, check=True):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, env=env, timeout=600
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from conftest import make_corpus_text
 
     tmp = tmp_path_factory.mktemp("run")
     corpus = tmp / "corpus.txt"
@@ -340,7 +312,6 @@ def test_generate_script_streams_text_to_stdout_only(trained_run):
 
 
 def test_a_byte_level_model_takes_and_writes_utf8_text(tmp_path):
-    from conftest import make_corpus_text
 
     # data.encoding=bytes (enwik8): the model's symbols are bytes, but prompts and samples are UTF-8 text
     text = make_corpus_text(3000) + "Café naïve ☃\n" * 60
@@ -433,7 +404,6 @@ def test_evaluate_matches_training_and_reports_lengths(trained_run):
 
 
 def test_evaluate_split_test_reads_the_held_out_tail_and_a_corpus_without_one_says_so(trained_run, tmp_path):
-    from conftest import make_corpus_text
 
     from lm.checkpoint import load_model
     from lm.evaluate import evaluate
@@ -485,17 +455,13 @@ def test_evaluate_split_test_reads_the_held_out_tail_and_a_corpus_without_one_sa
     ],
 )
 def test_evaluate_settings_are_checked_before_a_checkpoint_is_loaded(override, message, monkeypatch):
-    import importlib.util
-
     from omegaconf import OmegaConf
 
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the script imports its neighbour _common
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from lm.commands import check_evaluation_settings
+
     cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "evaluate.yaml"), OmegaConf.from_dotlist([override]))
     with pytest.raises(ConfigError, match=re.escape(message)):
-        script.check_settings(cfg)
+        check_evaluation_settings(cfg)
 
 
 def test_evaluate_past_the_context_bad_input(trained_run, tmp_path):

@@ -4,18 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import loss_of, tiny_model
 
 from lm.errors import ConfigError
-from lm.model import Transformer, TransformerConfig
 from lm.optim import HIDDEN_MATRICES, MuonWithAdamW, parameter_groups
-
-
-def tiny_model(pe: str = "learned") -> Transformer:
-    torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=13, seq_length=16, n_layer=2, n_head=2, n_embd=16, bias=True)
-    config.pos_encoding.name = pe
-    return Transformer(config)
 
 
 def test_parameters_are_routed_by_module_not_shape():
@@ -28,10 +20,6 @@ def test_parameters_are_routed_by_module_not_shape():
     assert id(model.token_embedding.weight) in ids["embeddings"] and id(model.position.weight) in ids["embeddings"]
     assert all(p.dim() == 1 for p in groups["vectors"])
     assert sum(len(v) for v in ids.values()) == len(list(model.parameters()))
-
-
-def loss_of(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
 
 
 def test_muon_with_adamw_is_one_optimizer_that_trains_and_resumes_exactly():

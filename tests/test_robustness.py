@@ -11,26 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, run_train, scalars
-
-ROOT = Path(__file__).resolve().parents[1]
-FAST = [*TINY, "trainer.precision=32-true", "logger=csv"]
-
-
-def last_checkpoint(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-
-
-def csv_column(run: Path, column: str) -> list[float]:
-    lines = (run / "csv" / "metrics.csv").read_text().splitlines()
-    index = lines[0].split(",").index(column)
-    return [float(row.split(",")[index]) for row in lines[1:] if row.split(",")[index]]
-
-
-def only_run(outputs: Path) -> Path:
-    runs = list((outputs / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
+from helpers import FAST, ROOT, TINY, csv_column, last_checkpoint, only_run, run_train, scalars
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon + AdamW is one optimizer: steps count once

@@ -10,17 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, TINY, run_train
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
-from test_train import TINY, run_train
 
-from lm.report import load_sweep, sweep_table, write_report
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import _common  # noqa: E402,F401  (registers the run-name resolvers the configs use)
+import lm.config  # noqa: F401  (registers the resolvers the configs use)
+from lm.report import load_sweep, sweep_table, write_sweep_report
 
 STUDIES = {  # what each varies, and the multiples of its context the final model is read at
     "pe_study": ("pos_encoding", ["learned", "sinusoidal", "rope", "alibi", "none"], [1, 2, 4]),
@@ -48,7 +45,7 @@ def test_each_study_composes_as_a_multirun_over_three_seeds(study):
     assert params[key].split(",") == values and params["seed"] == "1,2,3"
     assert list(cfg.final_eval.context_multiples) == multiples
     assert f"/multirun/{study}/" in cfg.hydra.sweep.dir
-    assert cfg.study_name == study and "compare.WriteReport" in cfg.hydra.callbacks.write_report._target_
+    assert cfg.study_name == study and "lm.commands.WriteReport" == cfg.hydra.callbacks.write_report._target_
     # the CPU budget unless a study says otherwise: `mini`'s shape, 16 x 128 characters a step, AdamW
     assert cfg.data.batch_size * cfg.data.seq_length == 2048 and cfg.optimizer._target_ == "torch.optim.AdamW"
 
@@ -182,7 +179,7 @@ def test_compare_fits_a_power_law_when_model_size_varies(tmp_path):
             summary["metrics"] = {"val/loss": loss, "val/bpc": loss / 0.693, "val/best_loss": loss}
             summary["evaluations"] = [{"context_length": 128 * m, "loss": loss, "bpc": loss / 0.693} for m in (1, 2)]
             (job / "summary.json").write_text(json.dumps(summary))
-    written = write_report(tmp_path)
+    written = write_sweep_report(tmp_path)
     assert "scaling.png" in written and written["scaling.png"].stat().st_size > 0
     # learned positions add a few parameters: not a change of model size, no scaling plot
     same_size = tmp_path / "pe"
@@ -192,7 +189,7 @@ def test_compare_fits_a_power_law_when_model_size_varies(tmp_path):
         (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"pos_encoding=p{i}", "seed=1"]))
         summary = {"status": "finished", "parameters": n, "seq_length": 128, "metrics": {"val/loss": 1.8}}
         (job / "summary.json").write_text(json.dumps(summary))
-    assert "scaling.png" not in write_report(same_size)
+    assert "scaling.png" not in write_sweep_report(same_size)
     assert [j.label for j in load_sweep(tmp_path)][:2] == ["model=size0", "model=size0"]
     assert "n/a" in (tmp_path / "results.md").read_text()  # no 4x evaluation in these summaries
 
@@ -264,7 +261,7 @@ def test_compare_fits_the_scaling_laws_exponent_and_draws_loss_against_flops(tmp
             summary = {"status": "finished", "parameters": n, "seq_length": 128, "flops_per_step": flops}
             summary["metrics"] = {"val/loss": loss, "val/bpc": loss / 0.693}
             (job / "summary.json").write_text(json.dumps(summary))
-    written = write_report(tmp_path)
+    written = write_sweep_report(tmp_path)
     assert {"scaling.png", "compute.png"} <= written.keys()
     report = (tmp_path / "results.md").read_text()
     assert re.search(r"L = [0-9.]+ N\^-\([0-9.]+ ± [0-9.]+\), by least squares in log-log over 6 jobs", report)

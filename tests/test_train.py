@@ -1,87 +1,16 @@
 """End-to-end training through scripts/train.py, and a tiny model overfitting a tiny corpus."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import ROOT, TINY, custom_scalars_layout, hparams_of, run_train, scalars, text_samples
 
 from lm.checkpoint import CHECKPOINT_KEY
 from lm.data import CharDataModule
 from lm.model import TransformerConfig
 from lm.module import LanguageModel
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))  # import train (scripts/train.py) in tests
-TINY = [
-    "model=tiny",
-    "data.seq_length=32",
-    "data.batch_size=8",
-    "trainer.val_check_interval=100",
-    "callbacks.text_sample.max_new_tokens=20",
-    "callbacks.throughput.peak_flops=null",
-]
-
-
-def run_train(args, tmp_path, check=True, python_warnings: str | None = "ignore"):
-    env = {**os.environ, **({"PYTHONWARNINGS": python_warnings} if python_warnings else {})}
-    flags = [a for a in args if a.startswith("-")]
-    overrides = [a for a in args if not a.startswith("-")]
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        *flags,
-        f"paths.output_dir={tmp_path / 'outputs'}",
-        f"paths.data_dir={tmp_path / 'data'}",
-        *overrides,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        )
-    return result
-
-
-def scalars(run_dir: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def hparams_of(run_dir: Path) -> dict:
-    """The HParams plugin's data in a run's event file: its hyperparameters, checked to declare our metrics."""
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    content = events.PluginTagToContent("hparams")
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} == {"val/loss", "val/bpc", "val/best_loss"}
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    return {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
-
-
-def custom_scalars_layout(run_dir: Path) -> list[tuple[str, list[str]]]:
-    """The Custom Scalars tab's layout in a run's event file: (category, its charts' tag patterns)."""
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
-    events.Reload()
-    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    return [(c.title, [chart.multiline.tag[0] for chart in c.chart]) for c in layout.category]
-
-
-def text_samples(run_dir: Path) -> list[int]:
-    """The steps at which a text sample was logged."""
-    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
-    events.Reload()
-    return [e.step for e in events.Tensors("sample/text_summary")]
 
 
 def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
@@ -290,65 +219,68 @@ def test_a_time_budget_alone_drives_the_schedule_to_its_end(tmp_path, corpus):
 
 
 def test_a_run_with_no_length_gets_the_default_time_budget_and_steps_stay_steps(tmp_path):
-    import train  # scripts/train.py
     from omegaconf import OmegaConf
+
+    from lm.run_settings import run_length
 
     base = {"default_time_budget": "00:00:04:45", "lr_schedule": {"clock": "auto"}}
     trainer = {"max_steps": None, "max_epochs": None, "max_time": None}
     cfg = OmegaConf.create({**base, "trainer": trainer})
-    assert train.run_length(cfg) == ({"max_steps": -1, "max_time": "00:00:04:45"}, "time")
+    assert run_length(cfg) == ({"max_steps": -1, "max_time": "00:00:04:45"}, "time")
     cfg = OmegaConf.create({**base, "trainer": {**trainer, "max_steps": 300}})
-    assert train.run_length(cfg) == ({"max_steps": 300, "max_time": None}, "steps")
+    assert run_length(cfg) == ({"max_steps": 300, "max_time": None}, "steps")
     cfg = OmegaConf.create({**base, "trainer": {**trainer, "max_steps": 300, "max_time": "00:01:00:00"}})
-    assert train.run_length(cfg) == ({"max_steps": 300, "max_time": "00:01:00:00"}, "steps")  # time: a guard
+    assert run_length(cfg) == ({"max_steps": 300, "max_time": "00:01:00:00"}, "steps")  # time: a guard
     cfg = OmegaConf.create({**base, "trainer": {**trainer, "max_epochs": 2}})
-    assert train.run_length(cfg)[1] == "steps"
+    assert run_length(cfg)[1] == "steps"
 
 
 def test_on_a_gpu_the_default_run_is_nanogpts_size_with_muon_compiled_for_1500_steps(monkeypatch, tmp_path):
-    import train  # scripts/train.py
     from hydra import compose, initialize_config_dir
 
-    monkeypatch.setattr(train, "training_device_type", lambda accelerator: "cuda")
-    argv = train.recipe_for_this_machine(["train.py"])
-    assert argv == ["train.py", *[f"{k}={v}" for k, v in train.GPU_RECIPE.items()]]
+    from lm import cli
+    from lm.run_settings import should_compile
+
+    monkeypatch.setattr(cli, "training_device_type", lambda accelerator: "cuda")
+    argv = cli.recipe_for_this_machine(["train.py"])
+    assert argv == ["train.py", *[f"{k}={v}" for k, v in cli.machine_recipes()["cuda"].items()]]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*argv[1:], f"paths.output_dir={tmp_path}"])
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_length, cfg.data.batch_size) == (6, 384, 256, 64)
     assert cfg.optimizer._target_ == "lm.optim.MuonWithAdamW" and cfg.optimizer.lr == 1e-2
-    assert cfg.trainer.max_steps == 1500 and train.should_compile(cfg.model.compile, "cuda")
+    assert cfg.trainer.max_steps == 1500 and should_compile(cfg.model.compile, "cuda")
     # your own choice still wins
-    assert train.recipe_for_this_machine(["train.py", "model=small"]) == ["train.py", "model=small"]
-    assert "optimizer.lr=1e-2" not in train.recipe_for_this_machine(["train.py", "optimizer=adamw"])
+    assert cli.recipe_for_this_machine(["train.py", "model=small"]) == ["train.py", "model=small"]
+    assert "optimizer.lr=1e-2" not in cli.recipe_for_this_machine(["train.py", "optimizer=adamw"])
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_on_a_cpu_the_default_run_is_the_cpu_recipe_with_or_without_bf16(monkeypatch, native_bf16):
-    import train  # scripts/train.py
+    from lm import cli
 
-    monkeypatch.setattr(train, "training_device_type", lambda accelerator: "cpu")
+    monkeypatch.setattr(cli, "training_device_type", lambda accelerator: "cpu")
     monkeypatch.setattr("lm.hardware.cpu_supports_bf16", lambda: native_bf16)
-    recipe = [f"{k}={v}" for k, v in train.CPU_RECIPE.items()]
+    recipe = [f"{k}={v}" for k, v in cli.machine_recipes()["cpu"].items()]
     assert "model=mini" in recipe and "optimizer=muon" in recipe
-    assert train.recipe_for_this_machine(["train.py"]) == ["train.py", *recipe]
+    assert cli.recipe_for_this_machine(["train.py"]) == ["train.py", *recipe]
     multirun = ["train.py", "-m", "pos_encoding=learned,rope"]
-    assert train.recipe_for_this_machine(multirun) == ["train.py", "-m", *recipe, "pos_encoding=learned,rope"]
+    assert cli.recipe_for_this_machine(multirun) == ["train.py", "-m", *recipe, "pos_encoding=learned,rope"]
     # the overrides stay together, so flags after them still parse
-    assert train.recipe_for_this_machine(["train.py", "seed=1", "--cfg", "job"])[-3:] == ["seed=1", "--cfg", "job"]
+    assert cli.recipe_for_this_machine(["train.py", "seed=1", "--cfg", "job"])[-3:] == ["seed=1", "--cfg", "job"]
     # an explicit size or recipe decides instead
     for argv in (
         ["train.py", "model=small"],
         ["train.py", "experiment=shakespeare_hour"],
         ["train.py", "debug=default"],
     ):
-        assert train.recipe_for_this_machine(argv) == argv
+        assert cli.recipe_for_this_machine(argv) == argv
     # your own value for a key wins; an optimizer of your choosing keeps its own learning rate
-    mine = train.recipe_for_this_machine(["train.py", "optimizer=adafactor", "data.batch_size=4"])
+    mine = cli.recipe_for_this_machine(["train.py", "optimizer=adafactor", "data.batch_size=4"])
     added = mine[1:-2]
     assert "model=mini" in added and not any(a.startswith(("optimizer", "data.batch_size")) for a in added)
     # another setting of the recipe's optimizer keeps the recipe's optimizer and its learning rate
-    tweaked = train.recipe_for_this_machine(["train.py", "optimizer.weight_decay=0"])
-    assert {"optimizer=muon", f"optimizer.lr={train.CPU_RECIPE['optimizer.lr']}"} <= set(tweaked[1:-1])
+    tweaked = cli.recipe_for_this_machine(["train.py", "optimizer.weight_decay=0"])
+    assert {"optimizer=muon", f"optimizer.lr={cli.machine_recipes()['cpu']['optimizer.lr']}"} <= set(tweaked[1:-1])
 
 
 @pytest.mark.parametrize(
@@ -439,11 +371,10 @@ def test_samples_at_each_validation_and_a_final_evaluation_past_the_training_con
 
 
 def test_compile_auto_compiles_on_cuda_only_and_bad_values_are_one_sentence():
-    import train
-
     from lm.errors import ConfigError
+    from lm.run_settings import should_compile
 
-    assert train.should_compile("auto", "cuda") and not train.should_compile("auto", "cpu")
-    assert train.should_compile(True, "cpu") and not train.should_compile(False, "cuda")
+    assert should_compile("auto", "cuda") and not should_compile("auto", "cpu")
+    assert should_compile(True, "cpu") and not should_compile(False, "cuda")
     with pytest.raises(ConfigError, match="model.compile=maybe must be true, false or auto."):
-        train.should_compile("maybe", "cpu")
+        should_compile("maybe", "cpu")

@@ -1,0 +1,96 @@
+"""Validation callbacks: a full validation pass at the end of every run, and what validations cost."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+
+
+class ValidateAtEnd(L.Callback):
+    """Makes the last training step of every run, however short, end with a full validation pass.
+
+    Lightning validates every `val_check_interval` steps only, so a run whose length is not a multiple of it
+    (or shorter) would end without final `val/*` metrics. Asking the trainer to stop on the last step makes
+    Lightning validate before it stops.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+        last_epoch = (
+            trainer.max_epochs is not None
+            and trainer.max_epochs > 0
+            and (trainer.current_epoch + 1 >= trainer.max_epochs)
+        )
+        if last_epoch and batch_idx + 1 >= trainer.num_training_batches:
+            trainer.should_stop = True
+
+
+class ValidationCost(L.Callback):
+    """Times every validation of a fit, with what follows it before training goes on (the text sample and the
+    checkpoint calls of the callbacks after this one), and keeps when each ended and its val/loss: the run's
+    summary.json gets them (`validations`, `validation_seconds`), and the end of training says their share.
+
+    A validation's cost runs from its start to the next training step (or the end of training); the part after the
+    validation loop (`after_s`) is what the other callbacks did with it, as long as this one is listed first.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.fit_started = time.perf_counter()
+        self._started: float | None = None
+        self._loop_ended: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """All validations' cost so far, what follows them included."""
+        return sum(r["seconds"] for r in self.records)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.fit_started = time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self._started = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._started is None:
+            return
+        self._loop_ended = time.perf_counter()
+        loss = trainer.callback_metrics.get("val/loss")
+        self.records.append(
+            {
+                "step": trainer.global_step,
+                "val_loss": None if loss is None else float(loss),
+                "loop_s": self._loop_ended - self._started,
+            }
+        )
+
+    def _close(self) -> None:
+        if self._started is None or self._loop_ended is None:
+            return
+        now = time.perf_counter()
+        record = self.records[-1]
+        record["after_s"] = now - self._loop_ended
+        record["seconds"] = now - self._started
+        record["fit_seconds"] = now - self.fit_started  # when it ended, from the start of training
+        record["time"] = time.time()  # the same moment as a Unix time, to compare with other processes' clocks
+        self._started = self._loop_ended = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
+        self._close()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._close()
+        if trainer.is_global_zero and self.records:
+            fit = time.perf_counter() - self.fit_started
+            after = sum(r.get("after_s", 0.0) for r in self.records)
+            print(
+                f"[transformer-lm] validation: {len(self.records)} passes took {self.seconds:.1f} s, "
+                f"{self.seconds / fit:.1%} of the {fit:.1f} s that training took ({after:.1f} s of it text samples "
+                "and checkpoint calls)",
+                file=sys.stderr,
+            )

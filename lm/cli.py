@@ -1,0 +1,102 @@
+"""The command line before Hydra parses it: the one place where the scripts' arguments are rewritten.
+
+`command_line(script, argv)` is all a script calls. Three things need a word with Hydra before it composes:
+`resume=<run dir>` brings that run's own overrides and directory, a training command that picks no model size
+gets its machine's recipe (conf/recipes.yaml), and generate.py's `prompt=` is quoted so it works as typed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lm.config import CONFIG_DIR, note_sweep_constants
+from lm.hardware import training_device_type
+
+RECIPES = Path(CONFIG_DIR) / "recipes.yaml"
+
+
+def command_line(script: str, argv: list[str]) -> list[str]:
+    """`argv` as Hydra should parse it for `script` (train, generate, evaluate or compare); `argv[0]` is kept.
+
+    For train: `resume=` and the machine's recipe (see the module's docstring), and the keys a multirun sets to one
+    value for all its jobs are recorded, so the jobs' directory names leave them out. For generate: the prompt is
+    quoted. Other scripts' arguments pass unchanged.
+    """
+    if script == "train":
+        argv = recipe_for_this_machine(log_into_resumed_run(argv))
+        note_sweep_constants(argv[1:])
+    elif script == "generate":
+        argv = quote_prompt_argument(argv)
+    return argv
+
+
+def override_key(override: str) -> str:
+    """`model` for `model=tiny`, `trainer.max_steps` for `+trainer.max_steps=5`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def insert_overrides(argv: list[str], overrides: list[str]) -> list[str]:
+    """`overrides` placed before the command's first override: Hydra's parser wants all overrides together (a flag
+    such as `--cfg job` may follow them)."""
+    at = next((i for i, a in enumerate(argv) if i > 0 and "=" in a and not a.startswith("-")), len(argv))
+    return [*argv[:at], *overrides, *argv[at:]]
+
+
+def log_into_resumed_run(argv: list[str]) -> list[str]:
+    """`resume=<run dir>` continues that run with its own settings, in its directory, so its logs and checkpoints
+    stay in one place: the run's overrides (.hydra/overrides.yaml) come first, then the command's, which win. Hydra
+    does not write its .hydra/ files there (they would replace the run's own before the resume is checked): the run
+    keeps the resumed run's settings beside them once the checkpoint is accepted."""
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not resume or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    run_dir = Path(resume[-1].rstrip("/"))
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return argv  # not a run: the run says so, and no directory gets created at that path
+    given = {override_key(a) for a in argv[1:] if "=" in a and not a.startswith("-")}
+    previous = []
+    if (overrides := run_dir / ".hydra" / "overrides.yaml").is_file():
+        previous = [
+            o
+            for o in OmegaConf.to_container(OmegaConf.load(overrides))
+            if override_key(o) not in given and not override_key(o).startswith(("hydra.", "paths.", "resume", "ckpt_"))
+        ]
+    return [*insert_overrides(argv, previous), f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+def machine_recipes() -> dict[str, dict[str, str]]:
+    """conf/recipes.yaml: the overrides for each device type ("cpu", "cuda")."""
+    return OmegaConf.to_container(OmegaConf.load(RECIPES))
+
+
+def recipe_for_this_machine(argv: list[str]) -> list[str]:
+    """Adds the recipe that suits this machine (conf/recipes.yaml) to a command that picks no model size (no
+    model=, experiment=, debug= or hparams_search=): the cuda one on a CUDA GPU, the cpu one on a CPU, none on
+    other accelerators. A value of your own for the same key wins, and an optimizer= of your own keeps that
+    optimizer's lr."""
+    given = dict(a.lstrip("+~").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
+    if given.keys() & {"model", "experiment", "debug", "hparams_search"}:
+        return argv
+    chosen = machine_recipes().get(training_device_type(given.get("trainer.accelerator", "auto")))
+    if chosen is None:
+        return argv
+    taken = set(given) | ({"optimizer.lr"} if "optimizer" in given else set())
+    return insert_overrides(argv, [f"{key}={value}" for key, value in chosen.items() if key not in taken])
+
+
+def quote_prompt_argument(argv: list[str]) -> list[str]:
+    """Quotes `prompt=...` for Hydra, so prompts with characters its override grammar reserves ('!', ',', ...)
+    work exactly as typed: prompt="KING: Oh God !"."""
+
+    def quote(arg: str) -> str:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") != "prompt" or value[:1] in ("'", '"'):
+            return arg
+        value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+        value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+        return f"{key}='{value}'"
+
+    return [quote(a) for a in argv]

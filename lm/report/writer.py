@@ -1,0 +1,62 @@
+"""A sweep's report: results.md, results.csv and the figures, written into the sweep directory."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from lm.report.plots import write_plots
+from lm.report.scaling import frontier_handovers, size_sweep
+from lm.report.sweep import load_sweep, markdown_table, sweep_table
+
+
+def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
+    """Writes results.md, results.csv, val_loss.png, extrapolation.png and, as the sweep's data allows,
+    scaling.png and compute.png (model size varies), context.png (context length varies) and train_val.png (the
+    jobs measured their loss on the training data) into the sweep dir; returns what it wrote."""
+    sweep_dir = Path(sweep_dir)
+    jobs = load_sweep(sweep_dir)
+    rows = sweep_table(sweep_dir, jobs)
+    written = {"results.md": sweep_dir / "results.md", "results.csv": sweep_dir / "results.csv"}
+    if rows:
+        with open(written["results.csv"], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        written["results.csv"].write_text("")
+    sizes = size_sweep(jobs, rows)
+    written.update(write_plots(sweep_dir, jobs, rows, sizes))
+    not_finished = [j for j in jobs if j.status != "finished"]
+    lines = [f"# Results: {sweep_dir.name}", ""]
+    lines.append(
+        f"{len(jobs)} jobs, {len(jobs) - len(not_finished)} finished; mean ± standard deviation over seeds. "
+        "Validation loss in nats per character, over the whole validation split; @2x/@4x: the final model read "
+        "with 2x/4x the training context (n/a: learned positions cannot)."
+    )
+    lines += ["", markdown_table(rows) if rows else "No jobs found.", ""]
+    if sizes:
+        law = sizes.law
+        lines.append(
+            f"Final validation loss against parameters N: {law}, by least squares in log-log over {law.points} jobs "
+            "(± the slope's standard error)."
+        )
+        if handovers := frontier_handovers(sizes.curves):
+            lines += [
+                "",
+                "The compute-efficient frontier (the lowest validation loss reached with at most so many FLOPs, "
+                "compute.png) is held by:",
+            ]
+            lines += [f"- {line}" for line in handovers]
+        lines.append("")
+    if not_finished:
+        lines.append("Not finished (failed, or still running):")
+        for job in not_finished:
+            reason = job.summary.get("error", "no summary.json yet")
+            lines.append(f"- `{job.path.name}` ({job.status}): {reason}")
+        lines.append("")
+    for name in ("val_loss.png", "extrapolation.png", "scaling.png", "compute.png", "context.png", "train_val.png"):
+        if name in written:
+            lines.append(f"![{name}]({name})")
+    written["results.md"].write_text("\n".join(lines) + "\n")
+    return written
