@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
@@ -90,11 +90,13 @@ register_resolvers()
 
 def compose_config(overrides: Iterable[str] = (), config_name: str = "train") -> DictConfig:
     """The config that `scripts/<config_name>.py <overrides>` would run with, composed in this process through
-    Hydra's compose API (the Hydra node included, and made current, so `${hydra:...}` values resolve).
+    Hydra's compose API; its Hydra node is made current (`HydraConfig`), so `${hydra:...}` values resolve.
 
     Hydra's compose API sets no run directory: give `paths.run_dir=<dir>` for a training run.
     """
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):  # as Hydra runs a job: its own node is HydraConfig's, not the job's
+        del cfg["hydra"]
     return cfg

@@ -1,9 +1,11 @@
 import os
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import make_corpus_text
+from helpers import make_corpus_text, run_script, run_train
 
 # Under pytest-xdist (the README's `python -m pytest` runs two workers: pyproject's addopts), each worker and the
 # scripts it starts get an equal share of the cores. torch's default, every core in every process, oversubscribes
@@ -30,3 +32,10 @@ def no_hydra_state_between_tests():
     yield
     GlobalHydra.instance().clear()
     HydraConfig.instance().cfg = None
+
+
+@pytest.fixture
+def cli():
+    """The scripts' command lines run in this process: `cli.train(args, tmp_path)` as helpers.run_train, and
+    `cli.script(name, *args)` as helpers.run_script, each returning the exit status and the captured output."""
+    return SimpleNamespace(train=partial(run_train, in_process=True), script=partial(run_script, in_process=True))

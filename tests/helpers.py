@@ -1,14 +1,19 @@
 """What the tests share: tiny settings, corpora, models, and ways to run the package's commands.
 
 A run is trained in-process with `train_in_process` (a config from Hydra's compose API, then `lm.train.train`), as
-the lightning-hydra-template's tests do; `run_train` and `run_script` start a script as a subprocess, kept for
-what only the command line shows: exit codes, signals, the console, run-directory names, sweeps and DDP.
+the lightning-hydra-template's tests do. `run_train` and `run_script` run a script's command line: given pytest's
+`in_process=True`, in this process (`runpy`, its exit status from SystemExit, its output captured), which spares a
+Python start-up and the imports; else as a subprocess, kept where a separate process is what is under test: signals,
+the console as a user sees it (Python's warnings included), DDP, parallel launchers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -64,19 +69,15 @@ def train_in_process(overrides: list[str], tmp_path: Path, name: str = "run") ->
     return train(cfg), run_dir
 
 
-def run_train(args, tmp_path, check=True, python_warnings: str | None = "ignore"):
-    """`python scripts/train.py <args>` with outputs and data under `tmp_path`."""
-    env = {**os.environ, **({"PYTHONWARNINGS": python_warnings} if python_warnings else {})}
+def run_train(args, tmp_path, check=True, python_warnings: str | None = "ignore", in_process=False):
+    """`python scripts/train.py <args>` with outputs and data under `tmp_path` (see the module's docstring)."""
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        *flags,
-        f"paths.output_dir={tmp_path / 'outputs'}",
-        f"paths.data_dir={tmp_path / 'data'}",
-        *overrides,
-    ]
+    paths = [f"paths.output_dir={tmp_path / 'outputs'}", f"paths.data_dir={tmp_path / 'data'}"]
+    if in_process:
+        return run_script("train.py", *flags, *paths, *overrides, check=check, in_process=True)
+    env = {**os.environ, **({"PYTHONWARNINGS": python_warnings} if python_warnings else {})}
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *flags, *paths, *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(
@@ -85,15 +86,36 @@ def run_train(args, tmp_path, check=True, python_warnings: str | None = "ignore"
     return result
 
 
-def run_script(name, *args, check=True):
-    """`python scripts/<name> <args>`, its output captured."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, env=env, timeout=600
-    )
+def run_script(name, *args, check=True, in_process=False):
+    """`python scripts/<name> <args>`, its output captured: a subprocess, or with `in_process` this process."""
+    if in_process:
+        result = run_in_process(ROOT / "scripts" / name, list(args))
+    else:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        cmd = [sys.executable, str(ROOT / "scripts" / name), *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def run_in_process(script: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """Runs `script` as `python script <args>` would, in this process: its exit status (from SystemExit), stdout
+    and stderr. Environment variables a command sets are put back afterwards."""
+    argv, environ = sys.argv, dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = [str(script), *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(script), run_name="__main__")
+        code = 0
+    except SystemExit as end:
+        code = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
 def only_run(outputs: Path) -> Path:

@@ -15,7 +15,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("trained")
     corpus = folder / "corpus.txt"
     corpus.write_text(make_corpus_text())
-    run_train([f"data.path={corpus}", *FAST, "trainer.max_steps=10"], folder)
+    run_train([f"data.path={corpus}", *FAST, "trainer.max_steps=10"], folder, in_process=True)
     return only_run(folder / "outputs"), corpus
 
 
@@ -46,14 +46,14 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
         (["trainer.max_steps=8"], "is at step 10 and trainer.max_steps=8 counts from the start of that run"),
     ],
 )
-def test_resume_refuses_what_it_cannot_continue_before_loading(tmp_path, trained, change, message):
+def test_resume_refuses_what_it_cannot_continue_before_loading(tmp_path, trained, change, message, cli):
     run, corpus = trained
     before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     if change in ("vocabulary", "corpus"):
         corpus = tmp_path / "other.txt"
         corpus.write_text(make_corpus_text(seed=1) + ("XYZ" if change == "vocabulary" else ""))
         change = []
-    result = run_train(
+    result = cli.train(
         [f"data.path={corpus}", *FAST, "trainer.max_steps=20", *change, f"resume={run}"], tmp_path, False
     )
     line = one_error_line(result)
@@ -61,19 +61,19 @@ def test_resume_refuses_what_it_cannot_continue_before_loading(tmp_path, trained
     assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before, "the run dir changed"
 
 
-def test_fine_tuning_on_another_corpus_says_so_in_one_line(tmp_path, trained):
+def test_fine_tuning_on_another_corpus_says_so_in_one_line(tmp_path, trained, cli):
     run, _ = trained
     other = tmp_path / "other.txt"
     other.write_text(make_corpus_text(seed=1))  # the same characters, other text
     ckpt = run / "checkpoints" / "last.ckpt"
-    result = run_train([f"data.path={other}", *FAST, "trainer.max_steps=15", f"ckpt_path={ckpt}"], tmp_path)
+    result = cli.train([f"data.path={other}", *FAST, "trainer.max_steps=15", f"ckpt_path={ckpt}"], tmp_path)
     notes = [line for line in result.stderr.splitlines() if "fine-tuning" in line]
     assert len(notes) == 1 and f"{ckpt} was trained on" in notes[0] and "from its step 10" in notes[0], notes
     assert last_checkpoint(only_run(tmp_path / "outputs"))["global_step"] == 15
 
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
-def test_a_damaged_checkpoint_is_one_sentence_for_resume_and_ckpt_path(tmp_path, trained, damage):
+def test_a_damaged_checkpoint_is_one_sentence_for_resume_and_ckpt_path(tmp_path, trained, damage, cli):
     run, corpus = trained
     damaged = tmp_path / "run"
     (damaged / "checkpoints").mkdir(parents=True)
@@ -81,7 +81,7 @@ def test_a_damaged_checkpoint_is_one_sentence_for_resume_and_ckpt_path(tmp_path,
     ckpt = damaged / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint\n")
     for option in (f"resume={damaged}", f"ckpt_path={ckpt}"):
-        result = run_train([f"data.path={corpus}", *FAST, "trainer.max_steps=20", option], tmp_path, False)
+        result = cli.train([f"data.path={corpus}", *FAST, "trainer.max_steps=20", option], tmp_path, False)
         line = one_error_line(result)
         assert line.startswith(f"error: {ckpt} is truncated or not a PyTorch checkpoint"), line
         assert line.endswith("use an intact .ckpt file."), line
@@ -181,12 +181,12 @@ def test_background_checkpoints_are_point_in_time_and_a_failed_write_stops_the_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
 
 
-def test_resume_takes_the_runs_own_settings_so_only_what_changes_is_said(tmp_path, trained):
+def test_resume_takes_the_runs_own_settings_so_only_what_changes_is_said(tmp_path, trained, cli):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)  # tiny model, 32-character context, its own corpus: none of it said again
-    result = run_train([f"resume={run}", "trainer.max_steps=12"], tmp_path)
+    result = cli.train([f"resume={run}", "trainer.max_steps=12"], tmp_path)
     assert "2 layers x 32 wide" in result.stderr and not (tmp_path / "outputs").exists()
     assert last_checkpoint(run)["global_step"] == 12
     resumed = (run / ".hydra" / "resumed_at_10" / "overrides.yaml").read_text()

@@ -230,7 +230,6 @@ def test_bad_sampling_arguments_are_rejected(kwargs):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-
     tmp = tmp_path_factory.mktemp("run")
     corpus = tmp / "corpus.txt"
     corpus.write_text(make_corpus_text(8000))
@@ -247,6 +246,7 @@ def trained_run(tmp_path_factory):
         "callbacks.text_sample.max_new_tokens=0",
         "callbacks.throughput.peak_flops=null",
         "logger=csv",
+        in_process=True,
     )
     run = next((tmp / "outputs" / "runs").iterdir())
     return run, corpus
@@ -295,23 +295,23 @@ def test_missing_truncated_and_foreign_checkpoints(tmp_path, trained_run):
         load_model(tmp_path / "empty_run")
 
 
-def test_generate_script_streams_text_to_stdout_only(trained_run):
+def test_generate_script_streams_text_to_stdout_only(trained_run, cli):
     run, _ = trained_run
     prompt = "The king, my lord."  # Hydra's grammar reserves ','; the script quotes the prompt for it
     args = [f"ckpt={run}", f"prompt={prompt}", "max_new_tokens=14", "temperature=0"]  # 18 + 14 = the 32 context
-    cached = run_script("generate.py", *args)
+    cached = cli.script("generate.py", *args)
     assert cached.stdout.startswith(prompt) and len(cached.stdout) == len(prompt) + 14 + 1
     assert "[generate]" in cached.stderr and "[generate]" not in cached.stdout
-    uncached = run_script("generate.py", *args, "kv_cache=false")
+    uncached = cli.script("generate.py", *args, "kv_cache=false")
     assert uncached.stdout == cached.stdout
     seeded = [
-        run_script("generate.py", f"ckpt={run}", "seed=3", "max_new_tokens=30", "num_samples=2").stdout
+        cli.script("generate.py", f"ckpt={run}", "seed=3", "max_new_tokens=30", "num_samples=2").stdout
         for _ in range(2)
     ]
     assert seeded[0] == seeded[1]
 
 
-def test_a_byte_level_model_takes_and_writes_utf8_text(tmp_path):
+def test_a_byte_level_model_takes_and_writes_utf8_text(tmp_path, cli):
 
     # data.encoding=bytes (enwik8): the model's symbols are bytes, but prompts and samples are UTF-8 text
     text = make_corpus_text(3000) + "Café naïve ☃\n" * 60
@@ -319,7 +319,7 @@ def test_a_byte_level_model_takes_and_writes_utf8_text(tmp_path):
     corpus.write_text(text, encoding="utf-8")
     train = ["model=tiny", "data.encoding=bytes", "data.seq_length=32", "trainer.max_steps=30", "logger=csv",
              "callbacks.text_sample.prompt='Café'", "callbacks.throughput.peak_flops=null"]  # fmt: skip
-    run_script("train.py", f"paths.output_dir={tmp_path / 'outputs'}", f"data.path={corpus}", *train)
+    cli.script("train.py", f"paths.output_dir={tmp_path / 'outputs'}", f"data.path={corpus}", *train)
     run = next((tmp_path / "outputs" / "runs").iterdir())
     sample = (run / "sample.txt").read_text()
     assert sample.startswith("Café") and "CafÃ©" not in sample  # not the prompt's bytes shown as latin-1 letters
@@ -330,10 +330,10 @@ def test_a_byte_level_model_takes_and_writes_utf8_text(tmp_path):
         texts = generate(model, tok, tok.to_symbols(prompt), n, **kwargs)
         return "".join(tok.to_text(t) for t in texts) + "\n"
 
-    one = run_script("generate.py", f"ckpt={run}", "prompt=naïve ☃", "max_new_tokens=60", "temperature=0").stdout
+    one = cli.script("generate.py", f"ckpt={run}", "prompt=naïve ☃", "max_new_tokens=60", "temperature=0").stdout
     assert one.startswith("naïve ☃") and one == expected("naïve ☃", 60, temperature=0)
     args = ["prompt=☃", "max_new_tokens=40", "num_samples=2", "seed=5"]
-    two = run_script("generate.py", f"ckpt={run}", *args).stdout
+    two = cli.script("generate.py", f"ckpt={run}", *args).stdout
     assert two.count("☃") >= 2 and two == expected("☃", 40, num_samples=2, seed=5, temperature=0.8)
 
 
@@ -363,9 +363,9 @@ def test_generate_script_stops_quietly_when_the_reader_of_its_output_quits(train
         (["temperature=-1"], "temperature"),
     ],
 )
-def test_generate_script_bad_input(trained_run, args, message):
+def test_generate_script_bad_input(trained_run, args, message, cli):
     run, _ = trained_run
-    result = run_script("generate.py", f"ckpt={run}", *args, check=False)
+    result = cli.script("generate.py", f"ckpt={run}", *args, check=False)
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
 
@@ -375,14 +375,14 @@ def test_generate_script_missing_checkpoint(tmp_path):
     assert result.returncode == 1 and "does not exist" in result.stderr
 
 
-def test_evaluate_matches_training_and_reports_lengths(trained_run):
+def test_evaluate_matches_training_and_reports_lengths(trained_run, cli):
     run, corpus = trained_run
     logged = [line for line in (run / "csv" / "metrics.csv").read_text().splitlines()[1:] if line]
     header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     val_losses = [
         float(row.split(",")[header.index("val/loss")]) for row in logged if row.split(",")[header.index("val/loss")]
     ]
-    result = run_script(
+    result = cli.script(
         "evaluate.py",
         f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
         "precision=32",
@@ -399,11 +399,11 @@ def test_evaluate_matches_training_and_reports_lengths(trained_run):
     losses = report["past_context"]["losses"]
     assert set(losses) == {"window", "rebuilt cache"} and all(0 < v < 10 for v in losses.values())
     assert "| rebuilt cache:" in result.stdout and "sliding" not in result.stdout
-    other = run_script("evaluate.py", f"ckpt={run}", f"data.path={corpus}", "precision=32", "context_lengths=16")
+    other = cli.script("evaluate.py", f"ckpt={run}", f"data.path={corpus}", "precision=32", "context_lengths=16")
     assert "all of" in other.stderr and "| 16 |" in other.stdout  # one length without brackets is a list of one
 
 
-def test_evaluate_split_test_reads_the_held_out_tail_and_a_corpus_without_one_says_so(trained_run, tmp_path):
+def test_evaluate_split_test_reads_the_held_out_tail_and_a_corpus_without_one_says_so(trained_run, tmp_path, cli):
 
     from lm.checkpoint import load_model
     from lm.evaluate import evaluate
@@ -412,7 +412,7 @@ def test_evaluate_split_test_reads_the_held_out_tail_and_a_corpus_without_one_sa
     text = make_corpus_text(8000)
     corpus = tmp_path / "bench.txt"
     corpus.write_text(text)
-    run_script(
+    cli.script(
         "train.py",
         f"paths.output_dir={tmp_path / 'outputs'}",
         f"data.path={corpus}",
@@ -427,7 +427,7 @@ def test_evaluate_split_test_reads_the_held_out_tail_and_a_corpus_without_one_sa
         "logger=csv",
     )
     run = next((tmp_path / "outputs" / "runs").iterdir())
-    result = run_script("evaluate.py", f"ckpt={run}", "split=test", "precision=32")
+    result = cli.script("evaluate.py", f"ckpt={run}", "split=test", "precision=32")
     assert "test split of" in result.stderr and "characters 7000-8000" in result.stderr
     report = json.loads(next(run.glob("checkpoints/*.test.eval.json")).read_text())
     model, tokenizer = load_model(next(run.glob("checkpoints/*.test.eval.json")).parent / "last.ckpt")
@@ -437,7 +437,7 @@ def test_evaluate_split_test_reads_the_held_out_tail_and_a_corpus_without_one_sa
 
     # Tiny Shakespeare's way (a validation tail by fraction) holds out no test split: one sentence, exit 1
     old, _ = trained_run
-    refused = run_script("evaluate.py", f"ckpt={old}", "split=test", check=False)
+    refused = cli.script("evaluate.py", f"ckpt={old}", "split=test", check=False)
     assert refused.returncode == 1
     assert "has no test split" in refused.stderr and "split=val" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -464,14 +464,14 @@ def test_evaluate_settings_are_checked_before_a_checkpoint_is_loaded(override, m
         check_evaluation_settings(cfg)
 
 
-def test_evaluate_past_the_context_bad_input(trained_run, tmp_path):
+def test_evaluate_past_the_context_bad_input(trained_run, tmp_path, cli):
     run, _ = trained_run
     for value, message in (
         ("0", "past_context=0 must be a positive"),
         ("true", "past_context=True must be a positive"),  # YAML's true loads as a bool, which Python counts as 1
         ("100000", "past_context=100000 needs"),
     ):
-        bad = run_script("evaluate.py", f"ckpt={run}", f"past_context={value}", f"output={tmp_path / 'b'}", check=False)
+        bad = cli.script("evaluate.py", f"ckpt={run}", f"past_context={value}", f"output={tmp_path / 'b'}", check=False)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "b.eval.json").exists()
 

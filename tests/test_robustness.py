@@ -15,7 +15,7 @@ from helpers import FAST, ROOT, TINY, csv_column, last_checkpoint, only_run, run
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon + AdamW is one optimizer: steps count once
-def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus, optimizer):
+def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus, optimizer, cli):
     common = [
         f"data.path={corpus}",
         *FAST,
@@ -26,10 +26,10 @@ def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus, optimizer):
         "lr_schedule.total_steps=20",
     ]
     straight, again, split = tmp_path / "straight", tmp_path / "again", tmp_path / "split"
-    run_train([*common, "trainer.max_steps=20"], straight)
+    cli.train([*common, "trainer.max_steps=20"], straight)
     if optimizer == "adamw":  # seed repeatability does not depend on the optimizer: checked once
-        run_train([*common, "trainer.max_steps=20"], again)
-    run_train([*common, "trainer.max_steps=10"], split)
+        cli.train([*common, "trainer.max_steps=20"], again)
+    cli.train([*common, "trainer.max_steps=10"], split)
     first_half = only_run(split / "outputs")
     resumed = run_train([*common, "trainer.max_steps=20", f"resume={first_half}"], split, python_warnings=None)
     # mid-epoch (21 batches an epoch): the bar goes on from 10 of the 20 steps, and Lightning's caution that the
@@ -52,18 +52,18 @@ def test_resume_is_exact_and_seeds_repeat(tmp_path, corpus, optimizer):
     assert csv_column(a, "train/loss")[-10:] == pytest.approx(csv_column(c, "train/loss")[-10:], abs=1e-6)
 
 
-def test_last_checkpoint_is_the_latest_step_even_when_val_loss_stops_improving(tmp_path, corpus):
+def test_last_checkpoint_is_the_latest_step_even_when_val_loss_stops_improving(tmp_path, corpus, cli):
     # lr=0: the model never changes, so no validation after the first improves on it (Lightning >= 2.6 then writes
     # its save_last copy only with a new best); resume= must still continue from the last step, not the best one
     common = [f"data.path={corpus}", *FAST, "optimizer.lr=0", "trainer.val_check_interval=2"]
-    run_train([*common, "trainer.max_steps=6"], tmp_path)
+    cli.train([*common, "trainer.max_steps=6"], tmp_path)
     run = only_run(tmp_path / "outputs")
     assert csv_column(run, "val/loss") == [csv_column(run, "val/loss")[0]] * 3
     assert last_checkpoint(run)["global_step"] == 6
     best = run / "checkpoints" / "best.ckpt"
     assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == 2, "the first of equal losses"
     # resumed, the best score comes back with last.ckpt: equal losses still leave best.ckpt alone
-    run_train([*common, "trainer.max_steps=10", f"resume={run}"], tmp_path)
+    cli.train([*common, "trainer.max_steps=10", f"resume={run}"], tmp_path)
     assert last_checkpoint(run)["global_step"] == 10
     assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == 2
 
@@ -100,7 +100,7 @@ def interrupt_after_steps(overrides: list[str], outputs: Path, log: Path, steps:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, corpus, signum):
+def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, corpus, signum, cli):
     outputs, log = tmp_path / "outputs", tmp_path / "output.txt"
     code = interrupt_after_steps([f"data.path={corpus}", *FAST, "trainer.max_steps=100000"], outputs, log, 3, signum)
     message = log.read_text()
@@ -110,7 +110,7 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, corpus, signum
     step = last_checkpoint(run)["global_step"]
     assert step >= 3
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
-    run_train([f"data.path={corpus}", *FAST, f"trainer.max_steps={step + 5}", f"resume={run}"], tmp_path)
+    cli.train([f"data.path={corpus}", *FAST, f"trainer.max_steps={step + 5}", f"resume={run}"], tmp_path)
     assert last_checkpoint(run)["global_step"] == step + 5
 
 
@@ -183,7 +183,7 @@ lock.acquire()  # blocks for ever: Python's handler runs but returns, the wait g
     assert time.monotonic() - started < 30
 
 
-def test_a_resumed_time_budget_run_spends_only_what_is_left_and_its_schedule_goes_on(tmp_path, corpus):
+def test_a_resumed_time_budget_run_spends_only_what_is_left_and_its_schedule_goes_on(tmp_path, corpus, cli):
     budget = 8.0
     overrides = [
         f"data.path={corpus}",
@@ -202,7 +202,7 @@ def test_a_resumed_time_budget_run_spends_only_what_is_left_and_its_schedule_goe
     assert 0 < spent < budget - 1, "interrupted early enough to leave a budget to resume"
     lrs_before = csv_column(run, "train/lr")
 
-    run_train([*overrides, f"resume={run}"], tmp_path)
+    cli.train([*overrides, f"resume={run}"], tmp_path)
     finished = last_checkpoint(run)
     assert finished["global_step"] > stopped["global_step"]
     # the budget is for the run, not for each process: the resumed part trains for what was left
@@ -217,8 +217,8 @@ def test_a_resumed_time_budget_run_spends_only_what_is_left_and_its_schedule_goe
     assert resumed[-1] < 1.2e-4
 
 
-def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
-    result = run_train(
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, corpus, cli):
+    result = cli.train(
         [
             f"data.path={corpus}",
             *FAST,
@@ -260,8 +260,8 @@ def test_on_a_gpu_divergence_is_read_at_logging_steps_and_names_the_first_bad_st
         module.watch_for_divergence(torch.tensor(3.0))
 
 
-def test_gradient_norm_is_logged(tmp_path, corpus):
-    run_train([f"data.path={corpus}", *TINY, "trainer.max_steps=4", "trainer.log_every_n_steps=1"], tmp_path)
+def test_gradient_norm_is_logged(tmp_path, corpus, cli):
+    cli.train([f"data.path={corpus}", *TINY, "trainer.max_steps=4", "trainer.log_every_n_steps=1"], tmp_path)
     assert len(scalars(only_run(tmp_path / "outputs"))["train/grad_norm"]) == 4
 
 
@@ -283,8 +283,8 @@ def test_gradient_norm_is_logged(tmp_path, corpus):
         (["resume=/nonexistent/run"], "last.ckpt"),
     ],
 )
-def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, corpus, args, message):
-    result = run_train([f"data.path={corpus}", "model=tiny", *args], tmp_path, check=False)
+def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, corpus, args, message, cli):
+    result = cli.train([f"data.path={corpus}", "model=tiny", *args], tmp_path, check=False)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -295,9 +295,9 @@ def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, corpus, args, 
         assert "Error in call to target" not in result.stderr
 
 
-def test_bad_resume_path_creates_nothing(tmp_path, corpus):
+def test_bad_resume_path_creates_nothing(tmp_path, corpus, cli):
     target = tmp_path / "not_a_run"
-    result = run_train([f"data.path={corpus}", "model=tiny", f"resume={target}"], tmp_path, check=False)
+    result = cli.train([f"data.path={corpus}", "model=tiny", f"resume={target}"], tmp_path, check=False)
     assert result.returncode == 1 and "has no checkpoints/last.ckpt" in result.stderr
     assert not target.exists()
 

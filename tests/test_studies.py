@@ -118,9 +118,9 @@ def test_optuna_search_composes_with_a_seeded_sampler_and_log_scale_lr():
     assert "optimizer.weight_decay" in sweeper.params
 
 
-def test_a_study_is_one_command_that_ends_with_its_report(tmp_path, corpus):
+def test_a_study_is_one_command_that_ends_with_its_report(tmp_path, corpus, cli):
     # init_study with two seeds instead of three: 3 configurations x 2 seeds, then compare.py by itself
-    result = run_train(
+    result = cli.train(
         [f"data.path={corpus}", "experiment=init_study", "debug=default", "hydra.sweeper.params.seed='1,2'"], tmp_path
     )
     sweep = next((tmp_path / "outputs" / "multirun" / "init_study").iterdir())
@@ -270,9 +270,9 @@ def test_compare_fits_the_scaling_laws_exponent_and_draws_loss_against_flops(tmp
     assert "- rung=r2 from 2e+12 FLOPs (loss 1.8580)\n- the lowest loss, 1.6735, is rung=r2's" in report
 
 
-def test_the_data_study_reports_train_and_validation_loss_and_their_gap(tmp_path, corpus):
+def test_the_data_study_reports_train_and_validation_loss_and_their_gap(tmp_path, corpus, cli):
     # a sweep on the command line replaces the study's own values for that key
-    run_train(
+    cli.train(
         [f"data.path={corpus}", "experiment=data_study", *SHRINK, "data.train_fraction=0.5,1.0", "seed=1"], tmp_path
     )
     sweep = next((tmp_path / "outputs" / "multirun" / "data_study").iterdir())
@@ -287,8 +287,8 @@ def test_the_data_study_reports_train_and_validation_loss_and_their_gap(tmp_path
     assert final["train_results"][0]["tokens"] == final["results"][0]["tokens"], "as much training data as val"
 
 
-def test_the_context_study_reads_each_model_at_its_length_and_twice_it(tmp_path, corpus):
-    run_train(
+def test_the_context_study_reads_each_model_at_its_length_and_twice_it(tmp_path, corpus, cli):
+    cli.train(
         [
             f"data.path={corpus}",
             "experiment=context_study",
@@ -339,10 +339,10 @@ def test_submitit_local_runs_each_job_in_its_own_process(tmp_path, corpus):
     assert len(summaries) == 2 and all(s["status"] == "finished" and s["threads"] == 1 for s in summaries)
 
 
-def test_optuna_search_survives_a_failed_trial(tmp_path, corpus):
+def test_optuna_search_survives_a_failed_trial(tmp_path, corpus, cli):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     # n_head=3 does not divide n_embd=32: those trials fail with a config error, and the search goes on
-    result = run_train(
+    result = cli.train(
         [
             f"data.path={corpus}",
             "hparams_search=optuna_lr",

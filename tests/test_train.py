@@ -13,8 +13,8 @@ from lm.model import TransformerConfig
 from lm.module import LanguageModel
 
 
-def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus):
-    run_train(
+def test_sweep_over_every_positional_encoding_and_optimizer(tmp_path, corpus, cli):
+    cli.train(
         [
             "-m",
             f"data.path={corpus}",
@@ -105,8 +105,8 @@ def test_training_by_epochs(tmp_path, corpus):
     assert "val/loss=" in result.stderr
 
 
-def test_time_budget_stops_training_after_a_final_validation(tmp_path, corpus):
-    result = run_train(
+def test_time_budget_stops_training_after_a_final_validation(tmp_path, corpus, cli):
+    result = cli.train(
         [f"data.path={corpus}", *TINY, "logger=csv", "trainer.max_steps=1000000", "trainer.max_time=00:00:00:03"],
         tmp_path,
     )
@@ -171,11 +171,11 @@ def test_gradients_are_clipped_with_the_fused_optimizer(precision):
     assert total == pytest.approx(1.0, rel=1e-4)
 
 
-def test_a_corpus_without_newlines_trains_and_samples_from_its_own_text(tmp_path):
+def test_a_corpus_without_newlines_trains_and_samples_from_its_own_text(tmp_path, cli):
     path = tmp_path / "dna.txt"
     rng = __import__("random").Random(0)
     path.write_text("".join(rng.choice("ACGT") for _ in range(6000)))  # one line, no newline anywhere
-    result = run_train([f"data.path={path}", *TINY, "trainer.max_steps=6"], tmp_path)
+    result = cli.train([f"data.path={path}", *TINY, "trainer.max_steps=6"], tmp_path)
     assert "val/bpc=" in result.stderr and "warning" not in result.stderr
     # tqdm's bar whatever else is installed (Rich's, which optuna pulls in, draws nothing into a log file)
     assert re.search(r"\d+/\d+ \[", result.stdout), result.stdout[-500:]
@@ -185,9 +185,9 @@ def test_a_corpus_without_newlines_trains_and_samples_from_its_own_text(tmp_path
     assert sample[0] == path.read_text()[-600]  # the first character of the validation split (the last 10%)
 
 
-def test_a_failed_sample_is_a_warning_not_a_failed_run(tmp_path, corpus):
+def test_a_failed_sample_is_a_warning_not_a_failed_run(tmp_path, corpus, cli):
     overrides = ["trainer.max_steps=6", "trainer.val_check_interval=2", "callbacks.text_sample.prompt='§'"]
-    result = run_train([f"data.path={corpus}", *TINY, *overrides], tmp_path)
+    result = cli.train([f"data.path={corpus}", *TINY, *overrides], tmp_path)
     # three validations fail to sample for the same reason: one warning
     assert result.stderr.count("warning: no text sample") == 1 and "§" in result.stderr
     assert "val/bpc=" in result.stderr
@@ -195,8 +195,8 @@ def test_a_failed_sample_is_a_warning_not_a_failed_run(tmp_path, corpus):
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "sample.txt").exists()
 
 
-def test_a_time_budget_alone_drives_the_schedule_to_its_end(tmp_path, corpus):
-    result = run_train(
+def test_a_time_budget_alone_drives_the_schedule_to_its_end(tmp_path, corpus, cli):
+    result = cli.train(
         [
             f"data.path={corpus}",
             *TINY,
@@ -323,20 +323,20 @@ def test_bf16_on_a_cpu_that_only_emulates_it_gets_a_warning(monkeypatch):
 
 
 @pytest.mark.parametrize("share,expected", [("null", [2, 4, 6, 8, 10, 12]), ("0.0001", [2, 12])])
-def test_text_samples_stay_within_their_share_of_training_time(tmp_path, corpus, share, expected):
+def test_text_samples_stay_within_their_share_of_training_time(tmp_path, corpus, share, expected, cli):
     # 0.0001 of a few seconds is less than one 200-character sample: the first validation samples (its cost is not
     # known before), then only the end of training; null samples at every validation
     overrides = ["trainer.max_steps=12", "trainer.val_check_interval=2", "callbacks.text_sample.max_new_tokens=200"]
-    run_train([f"data.path={corpus}", *TINY, *overrides, f"callbacks.text_sample.max_time_share={share}"], tmp_path)
+    cli.train([f"data.path={corpus}", *TINY, *overrides, f"callbacks.text_sample.max_time_share={share}"], tmp_path)
     run = next((tmp_path / "outputs" / "runs").iterdir())
     assert text_samples(run) == expected
     assert (run / "sample.txt").read_text()
 
 
-def test_samples_at_each_validation_and_a_final_evaluation_past_the_training_context(tmp_path, corpus):
+def test_samples_at_each_validation_and_a_final_evaluation_past_the_training_context(tmp_path, corpus, cli):
     import json
 
-    result = run_train(
+    result = cli.train(
         [
             f"data.path={corpus}",
             *TINY,
