@@ -22,6 +22,7 @@ from lm.generate import check_sampling_args, default_prompt, generate
 from lm.hardware import bf16_supported, resolve_device
 from lm.past_context import past_context_losses, past_context_table
 from lm.report import write_sweep_report
+from lm.tokenizer import CharTokenizer
 
 PAST_CONTEXT_STREAMS = 8  # stretches of the split read side by side for past_context
 
@@ -111,16 +112,9 @@ def check_evaluation_settings(cfg: DictConfig) -> None:
             ) from error
 
 
-def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
-    """evaluate.py: the loss of `cfg.ckpt` on a split or file at each context length; prints the table, writes
-    it with a JSON copy (<stem>.eval.md, .json) and returns the results as dicts."""
-    check_evaluation_settings(cfg)
-    device = resolve_device(cfg.device)
-    checkpoint, ckpt_path = read_checkpoint(cfg.ckpt)
-    data_info = checkpoint[CHECKPOINT_KEY].get("data", {})
-    del checkpoint
-    model, tokenizer = load_model(ckpt_path, device=device)
-
+def evaluation_text(cfg: DictConfig, data_info: dict, tokenizer: CharTokenizer, ckpt_path: Path) -> tuple:
+    """The ids evaluate.py reads and what they are: all of `data.path`, or the chosen split of the corpus the
+    checkpoint was trained on (`data_info`, its record), checked to be that corpus still."""
     if cfg.data.path is not None:
         source = Path(cfg.data.path).expanduser()
         if not source.is_file():
@@ -150,6 +144,20 @@ def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
         name = {"val": "validation", "test": "test"}[cfg.split]
         where = f"characters {start}-{end}" if split_sizes else f"last {val_fraction:.0%}"
         split = f"{name} split of {corpus_path} ({where})"
+    return ids, split
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
+    """evaluate.py: the loss of `cfg.ckpt` on a split or file at each context length; prints the table, writes
+    it with a JSON copy (<stem>.eval.md, .json) and returns the results as dicts."""
+    check_evaluation_settings(cfg)
+    device = resolve_device(cfg.device)
+    checkpoint, ckpt_path = read_checkpoint(cfg.ckpt)
+    data_info = checkpoint[CHECKPOINT_KEY].get("data", {})
+    del checkpoint
+    model, tokenizer = load_model(ckpt_path, device=device)
+
+    ids, split = evaluation_text(cfg, data_info, tokenizer, ckpt_path)
 
     lengths = cfg.context_lengths or [model.config.seq_length]
     lengths = [lengths] if isinstance(lengths, int | str) else list(lengths)  # context_lengths=512 means [512]

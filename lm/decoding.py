@@ -54,14 +54,13 @@ def block_step(block: Block, x: torch.Tensor, slot, visible, rotation, cache: KV
     x = attention_step(block.attn, block.ln_1(x), x, slot, visible, rotation, cache)
     fc, proj = block.mlp.fc, block.mlp.proj
     # with float16 copies, GELU in float16: the next product rounds its input to float16 anyway, and PyTorch's
-    # float16 GELU on a CPU is ~3x faster than its float32 one for one row (4 vs 15 us at 1,536 values)
+    # float16 GELU on a CPU is faster than its float32 one for one row
     h = F.gelu(decode_linear(block.ln_2(x), fc, cache.matrices.get(fc), keep_copy_dtype=True))
     return decode_linear(h, proj, cache.matrices.get(proj), x)
 
 
 # A decoding step's products have one row per sample. On a CPU, MKL runs such a product on one core; split into
-# row blocks of the weight as a batched product, it spreads over all of them (base, 2 cores: 4.5 vs 6.5 ms for the
-# weights of a whole step with one row, 6.7 vs 11 ms with eight).
+# row blocks of the weight as a batched product, it spreads over all of them (docs/speed.md, "Generation").
 DECODE_ROW_BLOCKS = 8
 DECODE_MAX_ROWS = 16  # beyond this, a plain product is efficient
 
@@ -114,12 +113,11 @@ def decoding_matrices(
     one-position steps faster: on a CPU, for a float32 model. A step there is bound by reading the weights, and
     float16 halves the bytes read:
 
-    - one row: float16 copies, for PyTorch's float16 one-row kernel (base: 2.2 vs 4.5 ms for a whole step's
-      weights on a 2-core EPYC);
+    - one row: float16 copies, for PyTorch's float16 one-row kernel;
     - 2 to DECODE_MAX_ROWS rows, not compiled: the same float16 weights packed for FBGEMM's float16-weight,
-      float32-activation product, which widens them in registers (base, eight rows: 2.7 vs 6.1 ms for the float32
-      row-block products, where PyTorch's own float16 kernel takes ~10 ms). torch.compile does not trace packed
-      weights, so a compiled step with several rows keeps the float32 ones.
+      float32-activation product, which widens them in registers (PyTorch's own float16 kernel is slower than the
+      float32 row-block products there). torch.compile does not trace packed weights, so a compiled step with
+      several rows keeps the float32 ones. docs/speed.md has the figures.
 
     Elsewhere (or with weights beyond float16's range, or no FBGEMM) it returns {} and steps use the weights as they
     are. Either way each weight is rounded to 11 significant bits and the products accumulate in float32: logits

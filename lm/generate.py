@@ -143,7 +143,7 @@ class NextCharacterLogits:
         return logits
 
 
-@torch.inference_mode()  # lighter than no_grad: ~15% more characters/s for batch-1 decoding on CPU
+@torch.inference_mode()  # lighter than no_grad: no version counters, which one-character steps feel
 def generate(
     model: Transformer,
     tokenizer: CharTokenizer,
@@ -170,9 +170,9 @@ def generate(
     `torch.compile` (its shapes do not depend on the position, so it compiles once per model and batch size). An
     empty prompt starts from a newline, or from the vocabulary's first character when the corpus had no newline.
 
-    On a CPU, up to 16 streams multiply by float16 versions of the weights (`lm.decoding.decoding_matrices`: about 2x
-    the characters/s of `exact=True` on a 2-core EPYC, logits within ~1e-3 of their size); `exact=True` keeps every
-    product in the model's precision.
+    On a CPU, up to 16 streams multiply by float16 versions of the weights (`lm.decoding.decoding_matrices`: more
+    characters/s than `exact=True`, logits within float16's rounding); `exact=True` keeps every product in the
+    model's precision.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, num_samples)
     prompt = prompt or default_prompt(tokenizer)

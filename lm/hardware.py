@@ -34,7 +34,7 @@ def resolve_precision(requested: str | None, device_type: str) -> tuple[str, str
 
     `None` or 'auto' picks bf16 mixed precision (weights, loss and optimizer state stay fp32) where the
     hardware has native bf16, else full fp32. An explicit value is used as given, except float16 mixed precision
-    on a CPU: Lightning would quietly run bf16-mixed instead, emulated (~100x slower) on most CPUs.
+    on a CPU: Lightning would quietly run bf16-mixed instead, emulated (far slower than fp32) on most CPUs.
     """
     if str(requested) in ("16", "16-mixed") and device_type == "cpu":
         raise ConfigError(
@@ -49,8 +49,8 @@ def resolve_precision(requested: str | None, device_type: str) -> tuple[str, str
 
 
 def emulated_bf16_warning(precision: str, device_type: str) -> str | None:
-    """A warning when bf16 is asked for on a CPU that only emulates it (AVX2 machines: bf16 matrix products run
-    about 100x slower than fp32 there), else None."""
+    """A warning when bf16 is asked for on a CPU that only emulates it (bf16 matrix products run far slower than
+    fp32 there), else None."""
     if "bf16" in str(precision) and device_type == "cpu" and not cpu_supports_bf16():
         return (
             f"precision {precision} on a CPU without native bf16 (no AVX-512 BF16 or AMX) is emulated and very slow "
@@ -90,9 +90,9 @@ def retain_freed_memory() -> bool:
 
     PyTorch's CPU allocator has no cache of its own: each large tensor is a fresh mmap whose pages the kernel
     zero-fills on first touch, and is unmapped again when freed. A training step allocates gigabytes of
-    activations, so it spends much of its time in page faults (base preset, bf16: 260k faults and 0.46 s of
-    system time per 2.3 s step). With mmap and trimming off, freed blocks are reused from the heap: 1.9 s per step,
-    25% faster in fp32, the same peak memory. Returns whether the setting took effect (False off glibc).
+    activations, so it spends much of its time in page faults. With mmap and trimming off, freed blocks are reused
+    from the heap: faster steps at the same peak memory (docs/speed.md). Returns whether the setting took effect
+    (False off glibc).
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -92,9 +92,8 @@ class TransformerConfig:
 # Transformer
 
 
-# On CPU, `lm.kernels` (RotaryHeads + BlockCausalAttention) beat PyTorch's fused attention kernel (one base layer at
-# T = 256 with dropout, forward + backward: ~250 vs 614 ms; a mini step with ALiBi at T = 512, batch 4, bf16: 64 vs
-# 158 ms), but keep B x heads x T x T probabilities for backward. They take contexts up to 256, and longer ones while
+# On CPU, `lm.kernels` (RotaryHeads + BlockCausalAttention) beat PyTorch's fused attention kernel (docs/speed.md),
+# but keep B x heads x T x T probabilities for backward. They take contexts up to 256, and longer ones while
 # the scores stay within base's at 256 (64 x 6 x 256 x 256); past that the fused kernel, whose memory grows linearly
 # with T, takes over. In fp32 without dropout, RotaryHeads feeds the fused kernel.
 CPU_KERNELS_MAX_LENGTH = 256
@@ -102,8 +101,8 @@ CPU_KERNELS_MAX_SCORES = 64 * 6 * 256 * 256
 
 
 class Dropout(nn.Module):
-    """`nn.Dropout`, drawing its mask with `byte_dropout` on CPU, where `F.dropout` is slow (6 ms vs 51 ms for a
-    64 x 256 x 384 activation); elsewhere the fused `F.dropout`."""
+    """`nn.Dropout`, drawing its mask with `byte_dropout` on CPU, where `F.dropout` draws a 32-bit random number per
+    element and is several times slower; elsewhere the fused `F.dropout`."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -141,9 +140,9 @@ class CausalSelfAttention(nn.Module):
             # the same computation as below, in hand-written passes (lm/kernels.py) or, where it wins, the flash kernel
             cos, sin = rope.tables(0, T) if rope is not None else (None, None)
             if dropout_p == 0 and bias is None and qkv.dtype == torch.float32:
-                # fp32 without dropout, PyTorch's flash kernel is faster (mini at batch 8, 2-core EPYC: 74 vs 80 ms a
-                # training step); with dropout the block kernel is (above); bf16 was not compared and keeps it
-                if rope is None:  # the kernel takes strided views: a head-major copy would cost ~1 ms a mini layer
+                # fp32 without dropout, PyTorch's flash kernel is faster; with dropout the block kernel is (above);
+                # bf16 keeps the block kernel (docs/speed.md)
+                if rope is None:  # the kernel takes strided views: a head-major copy would cost a pass over q, k, v
                     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
                 else:
                     q, k, v = (t.view(B, self.n_head, T, self.head_dim) for t in RotaryHeads.apply(qkv, cos, sin))

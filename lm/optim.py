@@ -94,8 +94,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     With `adjust_lr_fn="match_rms_adamw"` (Moonshot, "Muon is Scalable for LLM Training") Muon's update is scaled
     to the RMS of a typical AdamW update, so both halves share one `lr` and `weight_decay`, as tuned for AdamW.
     `newton_schulz_dtype`: "bfloat16" (torch's own), "float32", or "auto": float32 for parameters on a CPU without
-    native bf16 (which emulates bf16 ~100x slower than fp32: it made Muon 3.6x slower than AdamW on a 2-core EPYC
-    with AVX2), else bf16. The iteration runs batched over same-shaped matrices (`BatchedMuon`).
+    native bf16 (which emulates bf16 far slower than fp32: it made a Muon step several times an AdamW one there),
+    else bf16. The iteration runs batched over same-shaped matrices (`BatchedMuon`).
     """
 
     def __init__(

@@ -213,7 +213,7 @@ def _child(target, args, retain_memory: bool, queue) -> None:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32, as scripts/train.py and nanoGPT set it on a GPU
     if retain_memory:
-        retain_freed_memory()  # as scripts/train.py does (malloc_reuse=true)
+        retain_freed_memory()  # as a training run does (malloc_reuse=true)
     queue.put(target(*args))
 
 

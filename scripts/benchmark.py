@@ -53,7 +53,7 @@ def parse_args(device: str) -> argparse.Namespace:
         "--precisions",
         default="auto",
         help="Lightning precisions to train in; auto: on a GPU bf16-mixed (what runs use there); on a CPU bf16-mixed "
-        "and 32-true where it has native bf16, else 32-true only (emulated bf16 is ~100x slower than fp32 there)",
+        "and 32-true where it has native bf16, else 32-true only (emulated bf16 is far slower than fp32 there)",
     )
     parser.add_argument(
         "--compile", choices=("auto", "true", "false"), default="auto", help="auto: compiled on CUDA only"

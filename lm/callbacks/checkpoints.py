@@ -21,8 +21,8 @@ class LatestCheckpoint(Checkpoint):
     """Keeps `<dirpath>/last.ckpt` at the latest step: written after every validation and when training ends.
 
     `resume=` continues from this file, so it must never lag behind. Lightning's `ModelCheckpoint(save_last=True)`
-    no longer does this (since 2.6 it writes last.ckpt only together with a new top-k checkpoint, so with
-    `save_top_k=1` it stays at the best step once val/loss stops improving). Being a `Checkpoint`, this runs after
+    does not do this: it writes last.ckpt only together with a new top-k checkpoint, so with `save_top_k=1` it
+    stays at the best step once val/loss stops improving. Being a `Checkpoint`, this runs after
     the ModelCheckpoint listed before it, so the best score saved with the step is already up to date.
     """
 
