@@ -43,6 +43,7 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
 
 
 def full_errors() -> bool:
+    """True when LM_FULL_ERROR=1 (or HYDRA_FULL_ERROR=1) asks for tracebacks instead of one error line."""
     return os.environ.get("LM_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 

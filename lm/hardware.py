@@ -22,6 +22,7 @@ def cpu_supports_bf16() -> bool:
 
 
 def bf16_supported(device_type: str) -> bool:
+    """True where `device_type` ("cuda", "cpu", ...) runs bf16 natively, so bf16-mixed training pays."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type == "cpu":

@@ -120,6 +120,9 @@ class Dropout(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: x (B, T, C) to (B, T, C), with RoPE, an ALiBi bias or neither, and a
+    KV cache when given one."""
+
     def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
         self.n_head, self.head_dim, self.layer = config.n_head, config.head_dim, layer
@@ -178,6 +181,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The feed-forward part of a block: C to 4C, GELU, back to C (with dropout)."""
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)

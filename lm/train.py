@@ -130,6 +130,7 @@ def model_config(cfg: DictConfig, vocab_size: int) -> tuple[TransformerConfig, b
 
 
 def build_loggers(cfg: DictConfig) -> list:
+    """The config's loggers, instantiated; logger=wandb without the wandb package is one sentence."""
     loggers = []
     for logger_cfg in (cfg.get("logger") or {}).values():
         if "Wandb" in logger_cfg.get("_target_", "") and importlib.util.find_spec("wandb") is None:

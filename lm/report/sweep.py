@@ -31,6 +31,8 @@ IGNORED_OVERRIDES = ("seed", "experiment", "hparams_search")
 
 @dataclass
 class Curve:
+    """One logged series of a run: its steps, seconds since the run's first event, and values."""
+
     steps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # since the run's first event
     values: list[float] = field(default_factory=list)
@@ -123,6 +125,7 @@ def _evaluation(job: JobRecord, multiple: int) -> float | None:
 
 
 def train_loss(job: JobRecord) -> float | None:
+    """The final model's loss on the training data it saw (final_eval.train_split), or None."""
     results = job.summary.get("train_evaluations") or []
     return results[0]["loss"] if results else None
 
@@ -184,6 +187,7 @@ COLUMNS = {  # key: (header, digits); columns with no value in any row are left 
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The rows of `sweep_table` as a Markdown table; columns no row has a value for are left out."""
     columns = [k for k in COLUMNS if k in ("val_loss", "val_bpc") or any(r[k] is not None for r in rows)]
     header = "| configuration | params | seeds | " + " | ".join(COLUMNS[k][0] for k in columns) + " |"
     lines = [header, "|---|" + "---:|" * (len(columns) + 2)]
