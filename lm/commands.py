@@ -207,6 +207,15 @@ def compare_sweep(sweep_dir: Path) -> int:
             f"error: {sweep_dir} is not a directory; pass a sweep dir such as outputs/multirun/<date>.", file=sys.stderr
         )
         return 1
+    if not any(sweep_dir.glob("*/.hydra/overrides.yaml")):  # a single run, or a folder of sweeps: no report here
+        below = sorted(p.parent for p in sweep_dir.glob("**/multirun.yaml") if p.parent != sweep_dir)
+        found = f"; the sweeps below it: {', '.join(str(p) for p in below)}" if below else ""
+        print(
+            f"error: {sweep_dir} holds no sweep's jobs (no <job>/.hydra/overrides.yaml), so nothing was written; "
+            f"pass a sweep dir such as outputs/multirun/<date>{found}.",
+            file=sys.stderr,
+        )
+        return 1
     written = write_sweep_report(sweep_dir)
     print(written["results.md"].read_text())
     print(f"[compare] wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)

@@ -13,8 +13,9 @@ import warnings
 from collections.abc import Callable
 
 from hydra.errors import InstantiationException
+from omegaconf.errors import MissingMandatoryValue
 
-from lm.errors import LMError
+from lm.errors import ConfigError, LMError
 
 # Library notices a user of this project cannot act on, printed at every run: Lightning's caution that an
 # IterableDataset with __len__ may miscount under worker processes (ours load batches in the main process), that a
@@ -62,7 +63,20 @@ def project_error(error: BaseException) -> LMError | None:
     (which re-raises it wrapped in an InstantiationException, with Hydra's own lines around it); else None."""
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__
+    if isinstance(error, MissingMandatoryValue):  # a `???` in conf/ that the command line did not fill
+        return missing_value_error(error)
     return error if isinstance(error, LMError) else None
+
+
+# What to pass for each value a command needs (`???` in conf/)
+REQUIRED_VALUES = {"ckpt": "a run directory or a .ckpt file, e.g. ckpt=outputs/runs/<run>/"}
+
+
+def missing_value_error(error: MissingMandatoryValue) -> ConfigError:
+    """One sentence for a required value the command line left out: which, and what to pass."""
+    key = error.full_key or str(error).rsplit(":", 1)[-1].strip()
+    what = REQUIRED_VALUES.get(key, f"{key}=<value> on the command line")
+    return ConfigError(f"{key}= is required; pass {what}.")
 
 
 def report_errors(fn: Callable) -> Callable:

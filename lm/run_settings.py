@@ -96,6 +96,12 @@ def check_run_settings(cfg: DictConfig) -> None:
     """Settings that Lightning or PyTorch would otherwise reject mid-run with a traceback, or not at all."""
     if not is_count(cfg.seed, minimum=0) or cfg.seed >= 2**32:
         raise ConfigError(f"seed={cfg.seed} must be an integer from 0 to 4294967295.")
+    steps = cfg.trainer.max_steps
+    if steps is not None and steps != -1 and (not is_count(steps)):
+        raise ConfigError(
+            f"trainer.max_steps={steps} must be a positive number of steps, or -1 for no step limit (the run is then "
+            "bounded by trainer.max_epochs or trainer.max_time, or else default_time_budget)."
+        )
     interval = cfg.trainer.val_check_interval
     if interval is not None and (not is_number(interval) or interval <= 0):
         raise ConfigError(

@@ -370,6 +370,15 @@ def test_generate_script_bad_input(trained_run, args, message, cli):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("script", ["generate.py", "evaluate.py"])
+def test_a_script_without_its_required_checkpoint_says_what_to_pass(script, cli):
+    result = cli.script(script, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: ckpt= is required; pass a run directory or a .ckpt file, e.g. ckpt=outputs/runs/<run>/."
+    )
+
+
 def test_generate_script_missing_checkpoint(tmp_path):
     result = run_script("generate.py", f"ckpt={tmp_path / 'missing.ckpt'}", check=False)
     assert result.returncode == 1 and "does not exist" in result.stderr

@@ -279,6 +279,8 @@ def test_gradient_norm_is_logged(tmp_path, corpus, cli):
         (["optimizer.lr=-1"], "error: The optimizer refused its settings (Invalid learning rate: -1)"),
         (["seed=abc"], "error: seed=abc must be an integer"),
         (["trainer.val_check_interval=0"], "error: trainer.val_check_interval=0 must be a positive number"),
+        (["trainer.max_steps=0"], "error: trainer.max_steps=0 must be a positive number of steps, or -1 for no step"),
+        (["trainer.max_steps=-5"], "error: trainer.max_steps=-5 must be a positive number of steps"),
         (["trainer.max_time=soon"], "error: trainer: `Timer(duration='soon')` is not a valid duration"),
         (["resume=/nonexistent/run"], "last.ckpt"),
     ],

@@ -312,6 +312,25 @@ def test_compare_names_a_missing_sweep_dir(tmp_path):
     assert result.returncode == 1 and result.stderr.startswith("error:") and "is not a directory" in result.stderr
 
 
+def test_compare_on_a_folder_that_is_not_a_sweep_writes_nothing_and_names_the_sweeps_below(tmp_path, cli):
+    run = tmp_path / "runs" / "one_run"  # a single run's directory
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- model=tiny\n")
+    result = cli.script("compare.py", str(run), check=False)
+    assert result.returncode == 1 and result.stderr.startswith("error:") and "holds no sweep's jobs" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".hydra"]
+    parent = tmp_path / "multirun" / "pe_study"  # the parent of dated sweeps
+    for date in ("2026-01-01_00-00-00", "2026-01-02_00-00-00"):
+        job = parent / date / "0_pos_encoding-rope"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text("- pos_encoding=rope\n")
+        (parent / date / "multirun.yaml").write_text("hydra: {}\n")
+    result = cli.script("compare.py", str(parent), check=False)
+    assert result.returncode == 1 and "nothing was written" in result.stderr
+    assert f"the sweeps below it: {parent / '2026-01-01_00-00-00'}, {parent / '2026-01-02_00-00-00'}" in result.stderr
+    assert not (parent / "results.md").exists() and not (parent / "results.csv").exists()
+
+
 def test_parallel_jobs_share_the_cores_instead_of_oversubscribing_them(tmp_path, corpus):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     run_train(
