@@ -16,8 +16,12 @@ CHECKPOINT_KEY = "transformer_lm"  # where a checkpoint carries the model config
 CHECKPOINT_FORMAT = 1
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """`path` itself if it is a file; for a run directory, its best checkpoint (else its last one)."""
+COMMAND_LINE = "pass ckpt= a .ckpt file or a run directory"  # what a missing checkpoint's error asks for
+
+
+def find_checkpoint(path: str | Path, fix: str = COMMAND_LINE) -> Path:
+    """`path` itself if it is a file; for a run directory, its best checkpoint (else its last one). Where there is
+    none, a CheckpointError ending with `fix`, what the caller should do instead."""
     path = Path(path).expanduser()
     if path.is_file():
         return path
@@ -25,15 +29,14 @@ def find_checkpoint(path: str | Path) -> Path:
         for candidate in ("checkpoints/best.ckpt", "best.ckpt", "checkpoints/last.ckpt", "last.ckpt"):
             if (path / candidate).is_file():
                 return path / candidate
-        raise CheckpointError(
-            f"{path} holds no checkpoints/best.ckpt or checkpoints/last.ckpt; pass ckpt= a .ckpt file."
-        )
-    raise CheckpointError(f"The checkpoint {path} does not exist; pass ckpt= a .ckpt file or a run directory.")
+        raise CheckpointError(f"{path} holds no checkpoints/best.ckpt or checkpoints/last.ckpt; {fix}.")
+    raise CheckpointError(f"The checkpoint {path} does not exist; {fix}.")
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> tuple[dict, Path]:
-    """The checkpoint's contents, loaded with `weights_only=True` (a file that would run code is refused)."""
-    path = find_checkpoint(path)
+def read_checkpoint(path: str | Path, map_location="cpu", fix: str = COMMAND_LINE) -> tuple[dict, Path]:
+    """The checkpoint's contents, loaded with `weights_only=True` (a file that would run code is refused), and the
+    file they came from (`find_checkpoint(path, fix)`)."""
+    path = find_checkpoint(path, fix)
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has lost its directory
         raise CheckpointError(
             f"{path} is truncated or not a PyTorch checkpoint (not a whole zip archive); use an intact .ckpt file."
@@ -63,7 +66,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
 
     >>> model, tokenizer = load_model("outputs/runs/<run>/")          # doctest: +SKIP
     """
-    checkpoint, path = read_checkpoint(path, map_location=device)
+    checkpoint, path = read_checkpoint(path, map_location=device, fix="give load_model a .ckpt file or a run directory")
     meta = checkpoint[CHECKPOINT_KEY]
     model = Transformer(TransformerConfig(**meta["model_config"]))
     prefix = "model."

@@ -12,7 +12,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lm.checkpoint import CHECKPOINT_KEY, load_model, read_checkpoint
+from lm.checkpoint import CHECKPOINT_KEY, find_checkpoint, load_model, read_checkpoint
 from lm.config import PROJECT_ROOT
 from lm.corpus import ENCODINGS, encode_corpus
 from lm.data import split_bounds
@@ -31,7 +31,7 @@ def generate_text(cfg: DictConfig) -> None:
     """generate.py: samples text from `cfg.ckpt` and streams it to stdout (diagnostics to stderr)."""
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed, cfg.num_samples)
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.ckpt, device=device)
+    model, tokenizer = load_model(find_checkpoint(cfg.ckpt), device=device)  # the command line's error wording
     print(
         f"[generate] {model.config.n_layer} layers x {model.config.n_embd}, "
         f"{model.config.pos_encoding.name} positions, context {model.config.seq_length}, on {device}, "

@@ -27,6 +27,11 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file; pass a .ckpt file, or resume=<run dir>.")
         return str(cfg.ckpt_path)
     if cfg.resume:
+        if not Path(cfg.resume).is_dir():
+            raise ConfigError(
+                f"resume={cfg.resume}: there is no such directory; pass the directory of an earlier run, e.g. "
+                "resume=outputs/runs/<run>."
+            )
         last = Path(cfg.resume) / "checkpoints" / "last.ckpt"
         if not last.is_file():
             raise ConfigError(

@@ -281,8 +281,9 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, trained_run):
 
 def test_missing_truncated_and_foreign_checkpoints(tmp_path, trained_run):
     run, _ = trained_run
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist; give load_model a .ckpt file or a run directory") as e:
         load_model(tmp_path / "nope.ckpt")
+    assert "ckpt=" not in str(e.value)  # worded for a Python caller, not for the command line
     data = (run / "checkpoints" / "last.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
@@ -381,7 +382,7 @@ def test_a_script_without_its_required_checkpoint_says_what_to_pass(script, cli)
 
 def test_generate_script_missing_checkpoint(tmp_path):
     result = run_script("generate.py", f"ckpt={tmp_path / 'missing.ckpt'}", check=False)
-    assert result.returncode == 1 and "does not exist" in result.stderr
+    assert result.returncode == 1 and "does not exist; pass ckpt= a .ckpt file or a run directory" in result.stderr
 
 
 def test_evaluate_matches_training_and_reports_lengths(trained_run, cli):

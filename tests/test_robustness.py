@@ -282,7 +282,7 @@ def test_gradient_norm_is_logged(tmp_path, corpus, cli):
         (["trainer.max_steps=0"], "error: trainer.max_steps=0 must be a positive number of steps, or -1 for no step"),
         (["trainer.max_steps=-5"], "error: trainer.max_steps=-5 must be a positive number of steps"),
         (["trainer.max_time=soon"], "error: trainer: `Timer(duration='soon')` is not a valid duration"),
-        (["resume=/nonexistent/run"], "last.ckpt"),
+        (["resume=/nonexistent/run"], "error: resume=/nonexistent/run: there is no such directory; pass the"),
     ],
 )
 def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, corpus, args, message, cli):
@@ -300,8 +300,12 @@ def test_bad_config_exits_non_zero_with_a_clear_message(tmp_path, corpus, args, 
 def test_bad_resume_path_creates_nothing(tmp_path, corpus, cli):
     target = tmp_path / "not_a_run"
     result = cli.train([f"data.path={corpus}", "model=tiny", f"resume={target}"], tmp_path, check=False)
-    assert result.returncode == 1 and "has no checkpoints/last.ckpt" in result.stderr
+    assert result.returncode == 1 and "there is no such directory" in result.stderr
     assert not target.exists()
+    target.mkdir()  # a directory, but no run's
+    result = cli.train([f"data.path={corpus}", "model=tiny", f"resume={target}"], tmp_path, check=False)
+    assert result.returncode == 1 and "has no checkpoints/last.ckpt" in result.stderr
+    assert list(target.iterdir()) == []
 
 
 def test_full_traceback_on_request(tmp_path):

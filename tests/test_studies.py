@@ -194,6 +194,22 @@ def test_compare_fits_a_power_law_when_model_size_varies(tmp_path):
     assert "n/a" in (tmp_path / "results.md").read_text()  # no 4x evaluation in these summaries
 
 
+def test_one_seed_has_no_standard_deviation_and_the_header_names_only_the_columns_there(tmp_path):
+    for i, pe in enumerate(["rope", "alibi"]):
+        job = tmp_path / f"{i}_pos_encoding-{pe}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"pos_encoding={pe}", "seed=1"]))
+        summary = {"status": "finished", "parameters": 800_000, "seq_length": 128, "fit_seconds": 10.0}
+        summary["metrics"] = {"val/loss": 1.8 + i, "val/bpc": (1.8 + i) / 0.693, "val/best_loss": 1.8 + i}
+        (job / "summary.json").write_text(json.dumps(summary))
+    write_sweep_report(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["val_loss"] for r in rows] == ["1.8", "2.8"] and [r["val_loss_std"] for r in rows] == ["", ""]
+    report = (tmp_path / "results.md").read_text()
+    assert "@2x" not in report and "@4x" not in report
+    assert not [line for line in report.splitlines() if line.startswith("| ") and "±" in line]
+
+
 def test_the_power_law_fit_recovers_its_exponent_and_an_honest_uncertainty():
     import numpy as np
 

@@ -110,10 +110,11 @@ def _label(jobs: list[JobRecord]) -> None:
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the finite values; the deviation is None with fewer than two."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None, None
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def _evaluation(job: JobRecord, multiple: int) -> float | None:

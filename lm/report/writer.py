@@ -29,11 +29,16 @@ def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
     written.update(write_plots(sweep_dir, jobs, rows, sizes))
     not_finished = [j for j in jobs if j.status != "finished"]
     lines = [f"# Results: {sweep_dir.name}", ""]
-    lines.append(
+    longer = [m for m in ("2x", "4x") if any(r.get(f"val_loss_{m}") is not None for r in rows)]
+    header = (
         f"{len(jobs)} jobs, {len(jobs) - len(not_finished)} finished; mean ± standard deviation over seeds. "
-        "Validation loss in nats per character, over the whole validation split; @2x/@4x: the final model read "
-        "with 2x/4x the training context (n/a: learned positions cannot)."
+        "Validation loss in nats per character, over the whole validation split"
     )
+    if longer:  # only where the table has those columns
+        at = "/".join(f"@{m}" for m in longer)
+        header += f"; {at}: the final model read with {'/'.join(longer)} the training context"
+        header += " (n/a: learned positions cannot)"
+    lines.append(header + ".")
     lines += ["", markdown_table(rows) if rows else "No jobs found.", ""]
     if sizes:
         law = sizes.law
