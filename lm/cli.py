@@ -7,12 +7,13 @@ gets its machine's recipe (conf/recipes.yaml), and generate.py's `prompt=` is qu
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lm.config import CONFIG_DIR, note_sweep_constants
+from lm.config import CONFIG_DIR, RECIPE_KEYS, note_sweep_constants
 from lm.hardware import training_device_type
 
 RECIPES = Path(CONFIG_DIR) / "recipes.yaml"
@@ -26,7 +27,10 @@ def command_line(script: str, argv: list[str]) -> list[str]:
     quoted. Other scripts' arguments pass unchanged.
     """
     if script == "train":
-        argv = recipe_for_this_machine(log_into_resumed_run(argv))
+        typed = log_into_resumed_run(argv)
+        argv = recipe_for_this_machine(typed)
+        # the recipe's items come after what the command said in run directory names (lm.config.short_name)
+        os.environ[RECIPE_KEYS] = ",".join(override_key(a) for a in argv if a not in typed)
         note_sweep_constants(argv[1:])
     elif script == "generate":
         argv = quote_prompt_argument(argv)

@@ -32,19 +32,34 @@ UNQUOTED = re.compile(r"[^A-Za-z0-9_\-+.$%*@?|:]")
 # A sweep over values (a,b,c or range(...)); a list value ([1,2,4]) is one value
 SWEEP_VALUE = re.compile(r"^(?!\[).*,|^(range|choice|interval|glob|tag|sort|shuffle)\(")
 SWEEP_CONSTANTS = "LM_SWEEP_CONSTANTS"  # set for the sweep's jobs, which may run in other processes
+RECIPE_KEYS = "LM_RECIPE_KEYS"  # the keys the machine's recipe added to the command line (lm/cli.py)
 
 
 def short_name(overrides: str) -> str:
-    """A run directory name from its overrides ("key-value+key-value"): config-group choices first (they say
-    most about a run), then the rest; cut, with a hash to stay unique, where it would be too long. Characters a
-    Hydra value cannot hold unquoted are dropped (quotes) or replaced: accents by the letter (é: e), the rest by _."""
+    """A run directory name from its overrides ("key-value+key-value"): what the command line said first, then
+    what the machine's recipe added (RECIPE_KEYS); within each, config-group choices first (they say most about a
+    run), then the rest. Where the name would be too long it is cut at an item's end, with a hash of the whole to
+    stay unique. Characters a Hydra value cannot hold unquoted are dropped (quotes) or replaced: accents by the
+    letter (é: e), the rest by _."""
     ascii_only = unicodedata.normalize("NFKD", overrides).encode("ascii", "ignore").decode()
     overrides = UNQUOTED.sub("_", ascii_only.replace("'", "").replace('"', ""))
     items = overrides.split("+") if overrides else []
-    name = "+".join(sorted(items, key=lambda item: "." in item.split("-", 1)[0]))
+    recipe = set(filter(None, os.environ.get(RECIPE_KEYS, "").split(",")))
+
+    def order(item: str) -> tuple[bool, bool]:
+        key = item.split("-", 1)[0]
+        return key in recipe, "." in key
+
+    items = sorted(items, key=order)
+    name = "+".join(items)
     if len(name) <= MAX_NAME:
         return name
-    return f"{name[: MAX_NAME - 10]}..{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    kept = ""
+    for item in items:  # whole items while they fit beside the hash
+        if len(kept) + len(item) + 1 > MAX_NAME - 10:
+            break
+        kept = f"{kept}+{item}" if kept else item
+    return f"{kept}..{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def note_sweep_constants(argv: Iterable[str]) -> None:

@@ -100,3 +100,27 @@ def test_a_run_directory_name_can_be_passed_back_as_a_hydra_value(overrides):
     (parsed,) = OverridesParser.create().parse_overrides([f"ckpt=outputs/runs/2026-11-27_10-00-00_{name}"])
     assert parsed.value() == f"outputs/runs/2026-11-27_10-00-00_{name}"  # one string, not a list or a sweep
     assert "/" not in name and name.count("+") == 1
+
+
+def test_a_long_run_name_keeps_what_you_typed_first_and_cuts_only_between_items(monkeypatch):
+    from lm.config import RECIPE_KEYS, short_name
+
+    recipe = "data.batch_size-8+lr_schedule.warmup_steps-30+model-mini+optimizer-muon+optimizer.lr-1e-2"
+    overrides = f"{recipe}+trainer.max_steps-200+trainer.val_check_interval-1000"
+    monkeypatch.setenv(RECIPE_KEYS, "model,optimizer,optimizer.lr,data.batch_size,lr_schedule.warmup_steps")
+    name = short_name(overrides)
+    assert name.startswith("trainer.max_steps-200+trainer.val_check_interval-1000+model-mini+optimizer-muon+")
+    kept, digest = name.split("..")
+    assert len(name) <= 120 and len(digest) == 8
+    assert set(kept.split("+")) <= set(overrides.split("+")), "every item kept whole"
+    monkeypatch.setenv(RECIPE_KEYS, "")
+    assert short_name("trainer.max_steps-20+model-tiny") == "model-tiny+trainer.max_steps-20"  # short: unchanged
+
+
+def test_the_machines_recipe_comes_after_your_own_settings_in_the_run_name(tmp_path, corpus, cli):
+    cli.train([f"data.path={corpus}", "trainer.max_steps=2", "callbacks.throughput.peak_flops=null"], tmp_path)
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()
+    name = run.name.split("_", 2)[2]  # after the date and time
+    assert name.startswith("callbacks.throughput.peak_flops-null+trainer.max_steps-2+model-mini+optimizer-muon+")
+    assert ".." in name and name.split("..")[0].split("+")[-1].count("-") >= 1
+    assert "model=mini" in (run / ".hydra" / "overrides.yaml").read_text()
