@@ -27,6 +27,10 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# On resume, that the run's checkpoint folder holds checkpoints (it is meant to: the run goes on there); on a small
+# corpus, that an epoch has fewer batches than the logging interval (logging counts steps across epochs here).
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 # Lightning's start-up lines that our own start line already says better (device, precision) or that concern
 # hardware a run does not use (TPUs, HPUs), and its advertisement for a cloud logger.
 LIGHTNING_NOTICES = (
@@ -38,6 +42,8 @@ LIGHTNING_NOTICES = (
     "Using bfloat16 Automatic Mixed Precision",
     "Using 16bit Automatic Mixed Precision",
     "Using default `ModelCheckpoint`",
+    "Restoring states from the checkpoint",  # on resume: our own line says what is resumed, and from which step
+    "Restored all states from the checkpoint",
 )
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
     logging.getLogger(_name).addFilter(lambda record: not str(record.msg).startswith(LIGHTNING_NOTICES))

@@ -70,7 +70,8 @@ def check_checkpoint(
     cfg: DictConfig, ckpt_path: str, config: TransformerConfig, datamodule, limits: dict
 ) -> str | None:
     """Refuses, before Lightning loads it, a checkpoint this run cannot go on from (damaged, another model or
-    vocabulary, resume= on other data, no steps left); returns the line that says a run is fine-tuning, if it is."""
+    vocabulary, resume= on other data, no steps left); returns the line that says what a run goes on from: a
+    resumed run's step, or that a run is fine-tuning."""
     checkpoint, path = read_checkpoint(ckpt_path)
     continuing = bool(cfg.resume)
     note = check_resumable(checkpoint, path, config, datamodule.tokenizer.vocab, datamodule.corpus.sha256, continuing)
@@ -83,6 +84,7 @@ def check_checkpoint(
         )
     if continuing:
         keep_resumed_settings(cfg, step)
+        note = note or f"resuming the run in {cfg.resume} from step {step} (its checkpoints/last.ckpt)"
     return note
 
 

@@ -5,7 +5,7 @@ import re
 import lightning as L
 import pytest
 import torch
-from helpers import ROOT, TINY, custom_scalars_layout, hparams_of, run_train, scalars, text_samples
+from helpers import ROOT, TINY, custom_scalars_layout, hparams_of, make_corpus_text, run_train, scalars, text_samples
 
 from lm.checkpoint import CHECKPOINT_KEY
 from lm.data import CharDataModule
@@ -70,6 +70,10 @@ LIGHTNING_NOTICES = (
     "LOCAL_RANK:",
     "Automatic Mixed Precision",
     "set_float32_matmul_precision",
+    "exists and is not empty",  # on resume: the run's own checkpoint folder
+    "Restoring states from",  # on resume: our own line says what is resumed
+    "Restored all states",
+    "smaller than the logging interval",  # a small corpus's epoch
 )
 
 
@@ -87,6 +91,17 @@ def test_the_console_says_only_what_matters(tmp_path, corpus):
     assert "[transformer-lm] final val/best_loss=" in result.stderr and "----- sample after 15 steps" in result.stderr
     run = next((tmp_path / "outputs" / "runs").iterdir())
     assert len(scalars(run)["val/loss"]) == 3  # three validations, each with its checkpoints, said nothing
+
+
+def test_a_resumed_run_on_a_small_corpus_says_only_what_matters(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text(make_corpus_text(2000))  # 7 batches an epoch: fewer than the logging interval
+    run_train([f"data.path={small}", *TINY, "trainer.max_steps=6"], tmp_path)
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    result = run_train([f"resume={run}", "trainer.max_steps=12"], tmp_path, python_warnings=None)  # as a user
+    output = result.stdout + result.stderr
+    assert not [notice for notice in LIGHTNING_NOTICES if notice in output], output[-3000:]
+    assert f"[transformer-lm] resuming the run in {run} from step 6 (its checkpoints/last.ckpt)" in result.stderr
 
 
 def test_training_by_epochs(tmp_path, corpus):
