@@ -68,10 +68,11 @@ def run_length(cfg: DictConfig) -> tuple[dict, str]:
 
 def check_checkpoint(
     cfg: DictConfig, ckpt_path: str, config: TransformerConfig, datamodule, limits: dict
-) -> str | None:
+) -> tuple[str | None, float]:
     """Refuses, before Lightning loads it, a checkpoint this run cannot go on from (damaged, another model or
-    vocabulary, resume= on other data, no steps left); returns the line that says what a run goes on from: a
-    resumed run's step, or that a run is fine-tuning."""
+    vocabulary, resume= on other data, no steps left). Returns the line that says what a run goes on from (a
+    resumed run's step, or that a run is fine-tuning) and the seconds of training the checkpoint's run spent,
+    which a time budget counts (Lightning's Timer goes on from them)."""
     checkpoint, path = read_checkpoint(ckpt_path)
     continuing = bool(cfg.resume)
     note = check_resumable(checkpoint, path, config, datamodule.tokenizer.vocab, datamodule.corpus.sha256, continuing)
@@ -85,7 +86,26 @@ def check_checkpoint(
     if continuing:
         keep_resumed_settings(cfg, step)
         note = note or f"resuming the run in {cfg.resume} from step {step} (its checkpoints/last.ckpt)"
-    return note
+    spent = checkpoint.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train", 0.0)
+    return note, float(spent)
+
+
+def budget_seconds(max_time) -> float | None:
+    """Seconds in a "DD:HH:MM:SS" budget; None for another form (Lightning also takes a dict or a timedelta)."""
+    parts = str(max_time).split(":")
+    try:
+        days, hours, minutes, seconds = (float(part) for part in parts)
+    except ValueError:
+        return None
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def clock_time(seconds: float) -> str:
+    """Seconds as "DD:HH:MM:SS", the way trainer.max_time is written."""
+    minutes, secs = divmod(max(0, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"
 
 
 def should_compile(setting, device_type: str) -> bool:

@@ -37,8 +37,10 @@ from lm.hardware import emulated_bf16_warning, resolve_precision, retain_freed_m
 from lm.model import TransformerConfig
 from lm.module import LanguageModel
 from lm.run_settings import (
+    budget_seconds,
     check_checkpoint,
     check_run_settings,
+    clock_time,
     out_of_memory_advice,
     resume_checkpoint,
     run_hparams,
@@ -100,7 +102,7 @@ def build(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingJob:
 
     config, compile_model = model_config(cfg, tokenizer.vocab_size)
     limits, clock = run_length(cfg)
-    fine_tuning = check_checkpoint(cfg, ckpt_path, config, datamodule, limits) if ckpt_path else None
+    fine_tuning, spent = check_checkpoint(cfg, ckpt_path, config, datamodule, limits) if ckpt_path else (None, 0.0)
     schedule = {**OmegaConf.to_container(cfg.lr_schedule), "clock": clock}
     module = LanguageModel(config, tokenizer.vocab, optimizer=instantiate(cfg.optimizer), **schedule)
     module.build_optimizer()  # settings the optimizer refuses fail here, before loggers write anything
@@ -114,7 +116,7 @@ def build(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingJob:
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, module, loggers, [*build_callbacks(cfg, module), *callbacks], precision, limits)
     if trainer.is_global_zero:
-        say_what_trains(cfg, module, tokenizer.vocab_size, limits, clock, precision, note, fine_tuning)
+        say_what_trains(cfg, module, tokenizer.vocab_size, limits, clock, precision, note, fine_tuning, spent)
     hparams = run_hparams(cfg, precision=precision, clock=clock, **limits)
     hparams["parameters"] = module.model.num_parameters()
     for logger in loggers:
@@ -173,14 +175,18 @@ def say_what_trains(
     precision: str,
     note: str,
     fine_tuning: str | None,
+    spent: float = 0.0,
 ) -> None:
-    """The run's start line (and a fine-tuning or emulated-bf16 notice before it), on stderr."""
+    """The run's start line (and a resume, fine-tuning or emulated-bf16 notice before it), on stderr; `spent`:
+    seconds of the time budget a resumed run has already trained."""
     if fine_tuning:
         print(f"[transformer-lm] {fine_tuning}", file=sys.stderr, flush=True)
     if warning := emulated_bf16_warning(precision, training_device_type(cfg.trainer.accelerator)):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     if clock == "time":
         length = f"a time budget of {limits['max_time']}"
+        if spent > 0 and (budget := budget_seconds(limits["max_time"])) is not None:
+            length += f", {clock_time(budget - spent)} of it left after the {clock_time(spent)} already trained"
     else:
         length = f"{limits['max_steps']} steps" if limits["max_steps"] > 0 else f"{cfg.trainer.max_epochs} epochs"
     config = module.config

@@ -202,7 +202,9 @@ def test_a_resumed_time_budget_run_spends_only_what_is_left_and_its_schedule_goe
     assert 0 < spent < budget - 1, "interrupted early enough to leave a budget to resume"
     lrs_before = csv_column(run, "train/lr")
 
-    cli.train([*overrides, f"resume={run}"], tmp_path)
+    resumed_run = cli.train([*overrides, f"resume={run}"], tmp_path)
+    left, trained = f"00:00:00:{round(budget - spent):02d}", f"00:00:00:{round(spent):02d}"
+    assert f"a time budget of 00:00:00:08, {left} of it left after the {trained} already trained" in resumed_run.stderr
     finished = last_checkpoint(run)
     assert finished["global_step"] > stopped["global_step"]
     # the budget is for the run, not for each process: the resumed part trains for what was left
