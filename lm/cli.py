@@ -13,8 +13,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lm.config import CONFIG_DIR, RECIPE_KEYS, note_sweep_constants
+from lm.config import CONFIG_DIR
 from lm.hardware import training_device_type
+from lm.naming import RECIPE_KEYS, note_sweep_constants
 
 RECIPES = Path(CONFIG_DIR) / "recipes.yaml"
 

@@ -94,7 +94,7 @@ def test_optimizers_have_their_own_learning_rates(tmp_path):
 def test_a_run_directory_name_can_be_passed_back_as_a_hydra_value(overrides):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lm.config import short_name
+    from lm.naming import short_name
 
     name = short_name(overrides)
     (parsed,) = OverridesParser.create().parse_overrides([f"ckpt=outputs/runs/2026-11-27_10-00-00_{name}"])
@@ -103,7 +103,7 @@ def test_a_run_directory_name_can_be_passed_back_as_a_hydra_value(overrides):
 
 
 def test_a_long_run_name_keeps_what_you_typed_first_and_cuts_only_between_items(monkeypatch):
-    from lm.config import RECIPE_KEYS, short_name
+    from lm.naming import RECIPE_KEYS, short_name
 
     recipe = "data.batch_size-8+lr_schedule.warmup_steps-30+model-mini+optimizer-muon+optimizer.lr-1e-2"
     overrides = f"{recipe}+trainer.max_steps-200+trainer.val_check_interval-1000"

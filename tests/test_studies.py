@@ -394,3 +394,14 @@ def test_optuna_search_survives_a_failed_trial(tmp_path, corpus, cli):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"]["model.n_head"] == 2 and best["best_value"] > 0
     assert "the sweep goes on" in result.stderr
+    # a trial's name and its row in the report give its sampled values to four significant digits; the job's
+    # .hydra/overrides.yaml keeps them whole
+    for job in (p for p in sweep.iterdir() if (p / ".hydra").is_dir()):
+        lr = next(o for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) if "optimizer.lr=" in o)
+        assert len(lr.split("=")[1]) > 10, lr  # the full value, as Optuna drew it
+        for value in re.findall(r"\d+\.\d+(?:e-\d+)?", job.name):
+            assert len(value.split("e")[0].replace(".", "").lstrip("0")) <= 4, job.name
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    for row in rows:
+        for value in re.findall(r"\d+\.\d+(?:e-\d+)?", row["configuration"]):
+            assert len(value.split("e")[0].replace(".", "").lstrip("0")) <= 4, row["configuration"]

@@ -22,6 +22,8 @@ import numpy as np
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lm.naming import readable_numbers
+
 # tensorboard's reader logs every file it finishes at INFO, which Hydra's logging would print
 logging.getLogger("tensorboard").setLevel(logging.WARNING)
 
@@ -141,7 +143,7 @@ def sweep_table(sweep_dir: Path | str, jobs: list[JobRecord] | None = None) -> l
         group = [j for j in jobs if j.label == label]
         done = [j for j in group if j.status == "finished"]
         metrics = [j.summary["metrics"] for j in done]
-        row = {"configuration": label, "seeds": len(done), "jobs": len(group)}
+        row = {"configuration": readable_numbers(label), "seeds": len(done), "jobs": len(group)}
         row["parameters"] = done[0].summary.get("parameters") if done else None
         row["context"] = done[0].summary.get("seq_length") if done else None
         train_losses = [train_loss(j) for j in done]
