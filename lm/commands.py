@@ -147,6 +147,22 @@ def evaluation_text(cfg: DictConfig, data_info: dict, tokenizer: CharTokenizer, 
     return ids, split
 
 
+def report_stem(ckpt_path: Path, cfg: DictConfig, lengths: list[int]) -> Path:
+    """Where evaluate.py writes its report (<stem>.eval.md, .json) beside the checkpoint: named by what was
+    evaluated, so that other settings do not overwrite an earlier report. The default (the validation split at the
+    training context) is <checkpoint>.eval.md; e.g. best.test.ctx256-512.past1000.eval.md names the rest."""
+    parts = [ckpt_path.stem]
+    if cfg.data.path is not None:
+        parts.append(Path(cfg.data.path).stem)
+    elif cfg.split == "test":
+        parts.append("test")
+    if cfg.context_lengths:
+        parts.append("ctx" + "-".join(str(n) for n in lengths))
+    if cfg.past_context:
+        parts.append(f"past{cfg.past_context}")
+    return ckpt_path.parent / ".".join(parts)
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
     """evaluate.py: the loss of `cfg.ckpt` on a split or file at each context length; prints the table, writes
     it with a JSON copy (<stem>.eval.md, .json) and returns the results as dicts."""
@@ -185,7 +201,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
         table += f"\n\n{past_table}"
 
     # the test split's report beside the validation one: best.test.eval.md
-    stem = Path(cfg.output) if cfg.output else ckpt_path.with_suffix(".test" if cfg.split == "test" else "")
+    stem = Path(cfg.output) if cfg.output else report_stem(ckpt_path, cfg, lengths)
     report = {
         "checkpoint": str(ckpt_path),
         "split": split,

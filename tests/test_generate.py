@@ -399,18 +399,24 @@ def test_evaluate_matches_training_and_reports_lengths(trained_run, cli):
         "context_lengths=[16,32,64]",
         "past_context=40",
     )
-    report = json.loads((run / "checkpoints" / "last.eval.json").read_text())
+    report = json.loads((run / "checkpoints" / "last.ctx16-32-64.past40.eval.json").read_text())
     rows = {r["context_length"]: r for r in report["results"]}
     assert rows[32]["loss"] == pytest.approx(val_losses[-1], abs=1e-4)
     assert rows[32]["tokens"] == int(len(corpus.read_text()) * 0.1) - 1
     assert rows[64]["loss"] is None and "learned positions stop at 32" in rows[64]["note"]
-    assert "| 64 |" in result.stdout and (run / "checkpoints" / "last.eval.md").exists()
+    assert "| 64 |" in result.stdout and (run / "checkpoints" / "last.ctx16-32-64.past40.eval.md").exists()
+    assert f"wrote {run / 'checkpoints' / 'last.ctx16-32-64.past40'}.eval.md" in result.stderr
     # past the context, learned positions: recomputing the window and rebuilding the cache, no sliding cache
     losses = report["past_context"]["losses"]
     assert set(losses) == {"window", "rebuilt cache"} and all(0 < v < 10 for v in losses.values())
     assert "| rebuilt cache:" in result.stdout and "sliding" not in result.stdout
     other = cli.script("evaluate.py", f"ckpt={run}", f"data.path={corpus}", "precision=32", "context_lengths=16")
     assert "all of" in other.stderr and "| 16 |" in other.stdout  # one length without brackets is a list of one
+    # each evaluation keeps its own report: the default one, and one named by the file and length read
+    default = cli.script("evaluate.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "precision=32")
+    assert "| 32 |" in default.stdout
+    reports = sorted(p.name for p in (run / "checkpoints").glob("*.eval.md"))  # (ckpt=<run dir> reads best.ckpt)
+    assert reports == ["best.corpus.ctx16.eval.md", "last.ctx16-32-64.past40.eval.md", "last.eval.md"], reports
 
 
 def test_evaluate_split_test_reads_the_held_out_tail_and_a_corpus_without_one_says_so(trained_run, tmp_path, cli):
