@@ -36,6 +36,7 @@ from lm.files import write_atomically
 from lm.hardware import emulated_bf16_warning, resolve_precision, retain_freed_memory, training_device_type
 from lm.model import TransformerConfig
 from lm.module import LanguageModel
+from lm.run_log import logged_to
 from lm.run_settings import (
     budget_seconds,
     check_checkpoint,
@@ -53,10 +54,11 @@ from lm.run_settings import (
 def run(cfg: DictConfig) -> float | None:
     """One run or one sweep job, as `scripts/train.py` launches it; returns the final val/loss, the value a Hydra
     sweeper optimises (None: a failed trial)."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        metrics = sweep_job(cfg)
-    else:
-        metrics = report_errors(single_run)(cfg)
+    with logged_to(cfg.paths.run_dir):  # what the console shows, also in <run dir>/train.log
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            metrics = sweep_job(cfg)
+        else:
+            metrics = report_errors(single_run)(cfg)
     return metrics.get("val/loss")
 
 
@@ -300,9 +302,8 @@ def single_run(cfg: DictConfig) -> dict[str, float]:
 
 
 def remove_if_nothing_was_run(run_dir: Path) -> None:
-    """Deletes `run_dir` if it holds only what Hydra writes at start (.hydra/, an empty train.log)."""
-    log = run_dir / "train.log"
-    if not run_dir.is_dir() or (log.is_file() and log.stat().st_size > 0):
+    """Deletes `run_dir` if it holds only what Hydra writes at start (.hydra/) and train.log: nothing was trained."""
+    if not run_dir.is_dir():
         return
     if {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
         shutil.rmtree(run_dir, ignore_errors=True)

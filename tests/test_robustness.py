@@ -240,6 +240,8 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, c
     assert result.stderr.rstrip().splitlines()[-1].startswith("error: The ")
     checkpoint = last_checkpoint(only_run(tmp_path / "outputs"))
     assert 0 < checkpoint["global_step"] < int(match.group(3))  # the last checkpoint before the divergence
+    log = (only_run(tmp_path / "outputs") / "train.log").read_text()  # the error is in the run's log too
+    assert log.rstrip().splitlines()[-1].startswith("error: The ")
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
 
 
@@ -347,6 +349,8 @@ def test_ddp_two_cpu_processes_last_through_many_validations_and_reduce_them_exa
     assert len(csv_column(run, "val/loss")) >= 5
     assert "sync_dist" not in result.stderr  # the metric is reduced across processes already
     assert result.stderr.count("----- sample after") == 1  # rank 0 alone samples and prints
+    log = (run / "train.log").read_text()  # written by rank 0 alone
+    assert log.count("[transformer-lm] precision") == 1 and log.count("----- sample after") == 1
     assert len(list((run / "checkpoints").glob("*.ckpt"))) == 2  # best and last, written once by rank 0
     if clock == "time":
         return  # the reduction is the same on either clock: checked once

@@ -91,6 +91,12 @@ def test_the_console_says_only_what_matters(tmp_path, corpus):
     assert "[transformer-lm] final val/best_loss=" in result.stderr and "----- sample after 15 steps" in result.stderr
     run = next((tmp_path / "outputs" / "runs").iterdir())
     assert len(scalars(run)["val/loss"]) == 3  # three validations, each with its checkpoints, said nothing
+    # train.log holds what the console said, less the progress bar's redraws, plus each validation's results
+    log = (run / "train.log").read_text()
+    assert "\r" not in log and "\x1b" not in log and "Epoch " not in log
+    assert log.count("[transformer-lm] precision") == 1 and "[transformer-lm] final val/best_loss=" in log
+    assert [int(m) for m in re.findall(r"validation at step (\d+): .*val/loss=", log)] == [5, 10, 15]
+    assert "----- sample after 15 steps" in log
 
 
 def test_a_resumed_run_on_a_small_corpus_says_only_what_matters(tmp_path):

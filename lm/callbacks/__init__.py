@@ -1,6 +1,7 @@
 """Training callbacks, one concern a file; conf/callbacks/ names them as `lm.callbacks.<Class>`.
 
-- validation: `ValidateAtEnd` (every run ends with a full validation pass), `ValidationCost` (what they cost)
+- validation: `ValidateAtEnd` (every run ends with a full validation pass), `ValidationCost` (what they cost),
+  `ValidationLog` (their results in train.log)
 - checkpoints: `LatestCheckpoint` (last.ckpt), `SaveOnInterrupt` (a checkpoint on SIGINT/SIGTERM)
 - speed: `LMThroughputMonitor` (tokens/s, MFU), `CompileTime`
 - progress: `ResumableProgressBar`
@@ -11,7 +12,7 @@ from lm.callbacks.checkpoints import InterruptedTraining, LatestCheckpoint, Save
 from lm.callbacks.progress import ResumableProgressBar
 from lm.callbacks.speed import CompileTime, LMThroughputMonitor
 from lm.callbacks.text_sample import TextSample
-from lm.callbacks.validation import ValidateAtEnd, ValidationCost
+from lm.callbacks.validation import ValidateAtEnd, ValidationCost, ValidationLog
 
 __all__ = [
     "CompileTime",
@@ -23,4 +24,5 @@ __all__ = [
     "TextSample",
     "ValidateAtEnd",
     "ValidationCost",
+    "ValidationLog",
 ]

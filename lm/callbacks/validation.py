@@ -1,4 +1,5 @@
-"""Validation callbacks: a full validation pass at the end of every run, and what validations cost."""
+"""Validation callbacks: a full validation pass at the end of every run, what validations cost, and their results
+in train.log."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
+
+from lm.run_log import log_only
 
 
 class ValidateAtEnd(L.Callback):
@@ -94,3 +97,16 @@ class ValidationCost(L.Callback):
                 "and checkpoint calls)",
                 file=sys.stderr,
             )
+
+
+class ValidationLog(L.Callback):
+    """Writes each validation's results to the run's train.log (`lm.run_log`): the console shows them only inside
+    the progress bar, whose redraws the log leaves out."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if metrics:
+            values = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+            log_only(f"[transformer-lm] validation at step {trainer.global_step}: {values}")
