@@ -115,6 +115,9 @@ class LanguageModel(L.LightningModule):
         loss = self.loss(*batch)
         self.watch_for_divergence(loss)
         self.log("train/loss", loss, prog_bar=True)
+        # every logger's x axis is the number of optimizer steps taken, as in summary.json (Lightning's own count
+        # starts at 0 for the first step's metrics): a metric named "step" sets it
+        self.log("step", float(self.global_step + 1))
         return loss
 
     def watch_for_divergence(self, loss: torch.Tensor) -> None:
@@ -189,6 +192,7 @@ class LanguageModel(L.LightningModule):
                 f"The validation loss became {loss.item()} after step {self.global_step}; lower optimizer.lr or keep "
                 "gradient clipping on (trainer.gradient_clip_val). Checkpoints written before this step are intact."
             )
+        self.log("step", float(self.global_step))  # validation after N steps is logged at step N
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss))
         self.log("val/bpc", loss / math.log(2))

@@ -399,3 +399,24 @@ def test_compile_auto_compiles_on_cuda_only_and_bad_values_are_one_sentence():
     assert should_compile(True, "cpu") and not should_compile(False, "cuda")
     with pytest.raises(ConfigError, match="model.compile=maybe must be true, false or auto."):
         should_compile("maybe", "cpu")
+
+
+def test_every_output_counts_steps_as_the_optimizer_steps_taken(tmp_path, corpus):
+    import json
+
+    from helpers import train_in_process
+
+    from lm.report.sweep import read_curves
+
+    common = [f"data.path={corpus}", *TINY, "trainer.max_steps=20", "trainer.val_check_interval=10"]
+    _, run = train_in_process(common, tmp_path, name="tensorboard")
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 20
+    curves = read_curves(run)  # what the report's plots draw
+    assert curves["val/loss"].steps == [10, 20] and curves["train/loss"].steps == [10, 20]
+    assert text_samples(run) == [10, 20]
+    _, run = train_in_process([*common, "logger=csv"], tmp_path, name="csv")
+    rows = (run / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged = [dict(zip(header, row.split(","), strict=True)) for row in rows[1:]]
+    assert [int(r["step"]) for r in logged if r["val/loss"]] == [10, 20]
+    assert [int(r["step"]) for r in logged if r["train/loss"]] == [10, 20]

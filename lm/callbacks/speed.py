@@ -75,8 +75,9 @@ class LMThroughputMonitor(ThroughputMonitor):
             metrics["speed/tokens_per_sec"] = tokens
         if (mfu := computed.get("device/mfu")) is not None:
             metrics["speed/mfu"] = mfu
-        if metrics:
-            trainer._logger_connector.log_metrics(metrics, step=iter_num)
+        if metrics:  # at the number of optimizer steps taken, as every other series (lm.module)
+            step = trainer.global_step if trainer.state.stage == RunningStage.TRAINING else iter_num
+            trainer._logger_connector.log_metrics(metrics, step=step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
