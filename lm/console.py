@@ -21,10 +21,10 @@ from lm.errors import ConfigError, LMError
 # IterableDataset with __len__ may miscount under worker processes (ours load batches in the main process), that a
 # run resumed mid-epoch may not see the data it would have (ours draws batch i as a function of the step: exact
 # resume is tested), its deprecation warning about its own use of torch's pytree, and its advertisement for a cloud
-# logger; and under DDP its advice to log val/* with sync_dist=True (they come from a metric already reduced across
-# processes: reducing again would cost collectives for the same value).
+# logger; and under DDP its advice to log val/* and step with sync_dist=True (val/* come from a metric already reduced
+# across processes, and the step is the same on every one: reducing again would cost collectives for the same value).
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val/|step)")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # On resume, that the run's checkpoint folder holds checkpoints (it is meant to: the run goes on there); on a small

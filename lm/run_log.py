@@ -34,15 +34,25 @@ class _Tee:
 
 
 class RunLog:
-    """Appends to <run dir>/train.log while it exists: the file is opened on the first line, never created in a
-    directory that is not there (a run refused before it starts leaves none)."""
+    """Appends to <run dir>/train.log once the run has passed its checks (`start`): what comes before is held
+    back and written then, so a run refused before it starts (bad input, a resume that cannot go on) leaves its
+    directory as it was. The file is never created in a directory that is not there."""
 
     current: RunLog | None = None
 
     def __init__(self, path: Path):
-        self.path, self._file = path, None
+        self.path, self._file, self._held, self.started = path, None, [], False
+
+    def start(self) -> None:
+        self.started = True
+        held, self._held = "".join(self._held), []
+        if held:
+            self.write(held)
 
     def write(self, text: str) -> None:
+        if not self.started:
+            self._held.append(text)
+            return
         if self._file is None:
             if not self.path.parent.is_dir():
                 return
@@ -76,6 +86,12 @@ def logged_to(run_dir: str | Path) -> Iterator[None]:
     finally:
         RunLog.current, sys.stdout, sys.stderr = previous
         log.close()
+
+
+def start_logging() -> None:
+    """The run passed its checks: train.log gets what was held back, and what follows."""
+    if RunLog.current is not None:
+        RunLog.current.start()
 
 
 def log_only(line: str) -> None:

@@ -36,7 +36,7 @@ from lm.files import write_atomically
 from lm.hardware import emulated_bf16_warning, resolve_precision, retain_freed_memory, training_device_type
 from lm.model import TransformerConfig
 from lm.module import LanguageModel
-from lm.run_log import logged_to
+from lm.run_log import logged_to, start_logging
 from lm.run_settings import (
     budget_seconds,
     check_checkpoint,
@@ -117,6 +117,7 @@ def build(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingJob:
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 products (Ampere and later): what Lightning advises
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, module, loggers, [*build_callbacks(cfg, module), *callbacks], precision, limits)
+    start_logging()  # checks passed: from here the run's train.log gets what the console shows
     if trainer.is_global_zero:
         say_what_trains(cfg, module, tokenizer.vocab_size, limits, clock, precision, note, fine_tuning, spent)
     hparams = run_hparams(cfg, precision=precision, clock=clock, **limits)
