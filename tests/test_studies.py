@@ -167,6 +167,14 @@ def test_a_study_is_one_command_that_ends_with_its_report(tmp_path, corpus, cli)
     assert "`7_model.init-xavier+seed-3` (incomplete)" in report
 
 
+def test_every_job_of_a_study_titles_its_final_table_alike(tmp_path, corpus, cli):
+    # learned positions cannot be read past their context; their jobs' tables say so, under the same heading
+    sweep = ["hydra.sweeper.params={pos_encoding: 'learned,rope', seed: '1'}"]
+    result = cli.train([f"data.path={corpus}", "experiment=pe_study", *SHRINK, *sweep], tmp_path)
+    finals = re.findall(r"\[transformer-lm\] the final model:\n(.*)\n", result.stderr)
+    assert finals == ["Validation split:", "Validation split:"], finals
+
+
 def test_compare_fits_a_power_law_when_model_size_varies(tmp_path):
     # a synthetic sweep: four sizes x two seeds whose loss follows L = 5 N^-0.1
     for i, n in enumerate([30_000, 800_000, 3_200_000, 10_700_000]):
