@@ -23,7 +23,7 @@ class _Tee:
             self._after_bar = True
         elif not (self._after_bar and text.strip() == ""):
             self._log.write(text)
-            self._after_bar = self._after_bar and text.strip() == ""
+            self._after_bar = False
         return written
 
     def flush(self) -> None:

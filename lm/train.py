@@ -69,12 +69,9 @@ class TrainingJob:
     datamodule: CharDataModule
     module: LanguageModel
     trainer: L.Trainer
-    loggers: list
     ckpt_path: str | None
-    limits: dict
-    clock: str
     precision: str
-    hparams: dict
+    hparams: dict  # as the loggers got them, for summary.json
 
 
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
@@ -124,7 +121,7 @@ def build(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingJob:
     hparams["parameters"] = module.model.num_parameters()
     for logger in loggers:
         logger.log_hyperparams(hparams)
-    return TrainingJob(datamodule, module, trainer, loggers, ckpt_path, limits, clock, precision, hparams)
+    return TrainingJob(datamodule, module, trainer, ckpt_path, precision, hparams)
 
 
 def model_config(cfg: DictConfig, vocab_size: int) -> tuple[TransformerConfig, bool | str]:
