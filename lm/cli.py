@@ -28,7 +28,7 @@ def command_line(script: str, argv: list[str]) -> list[str]:
     quoted. Other scripts' arguments pass unchanged.
     """
     if script == "train":
-        typed = log_into_resumed_run(argv)
+        typed = log_into_resumed_run(continue_sweep(argv))
         argv = recipe_for_this_machine(typed)
         # the recipe's items come after what the command said in run directory names (lm.config.short_name)
         os.environ[RECIPE_KEYS] = ",".join(override_key(a) for a in argv if a not in typed)
@@ -70,6 +70,24 @@ def log_into_resumed_run(argv: list[str]) -> list[str]:
             if override_key(o) not in given and not override_key(o).startswith(("hydra.", "paths.", "resume", "ckpt_"))
         ]
     return [*insert_overrides(argv, previous), f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+def continue_sweep(argv: list[str]) -> list[str]:
+    """`resume=<sweep dir>` continues that sweep (or study) in its directory, as a multirun of its own overrides (its
+    multirun.yaml: the task's and Hydra's, e.g. the launcher), then the command's, which win. Each job then decides
+    for itself (lm.train.sweep_job): kept, continued from its last.ckpt, or run from the start. Hydra writes no
+    settings into a job kept or continued (the `lm_config_subdir` resolver): its .hydra/ stays as it started."""
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not resume or not (Path(resume[-1]) / "multirun.yaml").is_file():
+        return argv
+    sweep_dir = Path(resume[-1].rstrip("/"))
+    saved = OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides)  # not resolved
+    given = {override_key(a) for a in argv[1:] if "=" in a and not a.startswith("-")}
+    ours = ("resume", "hydra.sweep.dir", "hydra.output_subdir", "hydra.mode")
+    previous = [o for o in [*saved["hydra"], *saved["task"]] if override_key(o) not in given | set(ours)]
+    flags = [] if {"-m", "--multirun"} & set(argv) else ["-m"]
+    continued = [f"hydra.sweep.dir={sweep_dir}", "hydra.output_subdir=${lm_config_subdir:}"]
+    return [argv[0], *flags, *insert_overrides(argv, previous)[1:], *continued]
 
 
 def machine_recipes() -> dict[str, dict[str, str]]:

@@ -1,6 +1,7 @@
 """Where the configs live, the resolvers they use, and composing one in-process.
 
-Importing this module registers the resolvers that `conf/` interpolates (`lm_suffix`, `lm_name`, `lm_div`), so
+Importing this module registers the resolvers that `conf/` interpolates (`lm_suffix`, `lm_name`, `lm_div`, `lm_new_dir`,
+`lm_config_subdir`), so
 any code that composes a config, the command line's or a test's, finds them. The run directory names they make
 come from `lm.naming`.
 """
@@ -15,7 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lm.files import claim_directory
 from lm.naming import job_name, short_name
+from lm.sweep import config_subdir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
@@ -37,6 +40,10 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("lm_suffix", lambda s: f"_{short_name(s)}" if s else "")
     OmegaConf.register_new_resolver("lm_name", job_name)
     OmegaConf.register_new_resolver("lm_div", tokens_per_row)
+    # a run's or a sweep's directory, created when first resolved: cached, so that the launcher's and each job's
+    # copy of the config (Hydra copies the cache into them) name the same one
+    OmegaConf.register_new_resolver("lm_new_dir", claim_directory, use_cache=True)
+    OmegaConf.register_new_resolver("lm_config_subdir", config_subdir)
 
 
 register_resolvers()

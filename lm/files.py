@@ -31,6 +31,22 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def claim_directory(path: str) -> str:
+    """Creates the directory `path` and returns it; if it exists already (another run launched in the same second
+    took it), `path.2`, `path.3`, ...: the first one this process creates itself. `mkdir` either creates a directory
+    or fails, atomically, so two runs never get the same one."""
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}.{n}")
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base} and 9,999 numbered copies of it exist already; clear out {base.parent}.")
+
+
 def download(url: str, dest: Path, sha256: str | None, timeout: float = 60.0, corpus: Path | None = None) -> None:
     """Downloads `url` to `dest` atomically, checking its sha256; a mismatched download leaves nothing behind.
     `corpus`: where the user may put the corpus instead (when `dest` is an archive of it), for the error message."""

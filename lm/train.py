@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -27,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 import lm.config  # noqa: F401  (the resolvers a composed config interpolates)
-from lm.callbacks import CompileTime, ResumableProgressBar, ValidationCost
+from lm.callbacks import CompileTime, InterruptedTraining, ResumableProgressBar, ValidationCost
 from lm.console import full_errors, project_error, report_errors
 from lm.data import CharDataModule
 from lm.errors import ConfigError, is_count
@@ -48,6 +49,15 @@ from lm.run_settings import (
     run_length,
     should_compile,
     threads_per_job,
+)
+from lm.sweep import (
+    StopWithSweep,
+    clear_attempt,
+    in_sweep_process,
+    job_state,
+    listen_for_stop,
+    request_stop,
+    stop_signal,
 )
 
 
@@ -274,10 +284,39 @@ def evaluate_final_model(cfg: DictConfig, module: LanguageModel, datamodule, pre
 
 
 def sweep_job(cfg: DictConfig) -> dict[str, float]:
-    """One job of a multirun: a failure is reported (an `error:` line, and summary.json with status "failed")
-    and the sweep goes on with its other jobs; an Optuna search records the trial as failed."""
+    """One job of a multirun. A failure is reported (an `error:` line, and summary.json with status "failed") and
+    the sweep goes on with its other jobs; an Optuna search records the trial as failed. A signal to the sweep
+    stops all of it (`lm.sweep`): this job saves last.ckpt and is recorded as interrupted, and no job starts after
+    it; a signal to this job's process alone stops this job the same way, and the sweep goes on. In a sweep
+    continued with `resume=<sweep dir>`, a finished job is kept as it is (its metrics returned), an interrupted one
+    goes on from its last.ckpt, and a failed or unstarted one runs from the start."""
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
+    job_dir = Path(cfg.paths.run_dir)
+    if signum := stop_signal(sweep_dir):
+        print(f"[transformer-lm] {job_dir.name}: not started ({signal.Signals(signum).name} stopped the sweep)")
+        return {}
+    listen_for_stop()
+    if cfg.resume and Path(cfg.resume).resolve() == sweep_dir.resolve():
+        state = job_state(job_dir)
+        if state.state == "finished":
+            metrics = state.summary.get("metrics", {})
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+            print(f"[transformer-lm] {job_dir.name}: finished earlier ({shown}); kept as it is", file=sys.stderr)
+            return metrics
+        cfg.resume = str(job_dir) if state.resumable else None
+        if not state.resumable:
+            clear_attempt(job_dir)  # failed, or stopped before its first checkpoint: from the start
     try:
-        return train(cfg)
+        return train(cfg, callbacks=[StopWithSweep(sweep_dir)])
+    except InterruptedTraining as stop:  # the sweep was stopped, or this job's process got a signal
+        if in_sweep_process():
+            request_stop(sweep_dir, stop.signum)  # the basic launcher's jobs run in the sweep's own process
+        if not stop.quiet:
+            name = signal.Signals(stop.signum).name
+            print(f"[transformer-lm] {name}: saved {stop.checkpoint} at step {stop.step}", file=sys.stderr)
+            summary = {"status": "interrupted", "step": stop.step, "signal": name}
+            write_atomically(job_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary)))
+        return {}
     except Exception as error:
         if full_errors():
             traceback.print_exc()
@@ -285,7 +324,7 @@ def sweep_job(cfg: DictConfig) -> dict[str, float]:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message} (in {cfg.paths.run_dir}; the sweep goes on)", file=sys.stderr, flush=True)
         summary = {"status": "failed", "error": message}
-        write_atomically(Path(cfg.paths.run_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary)))
+        write_atomically(job_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary)))
         return {}
 
 

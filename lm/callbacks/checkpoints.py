@@ -48,8 +48,9 @@ class InterruptedTraining(LMError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint; `exit_code` is 128 + the signal number.
     `quiet` on every process but rank 0, which alone says so."""
 
-    def __init__(self, message: str, signum: int, quiet: bool = False):
+    def __init__(self, message: str, signum: int, step: int, checkpoint: Path, quiet: bool = False):
         super().__init__(message)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum
         self.quiet = quiet
 
@@ -140,5 +141,7 @@ class SaveOnInterrupt(L.Callback):
             f"{name} received: saved {path} at step {trainer.global_step}; continue with "
             f"resume={folder.parent} (or ckpt_path={path}).",
             signum,
+            trainer.global_step,
+            path,
             quiet=not trainer.is_global_zero,
         )

@@ -1,0 +1,321 @@
+"""A sweep (one Hydra multirun) that survives: a signal stops all of it, `resume=<sweep dir>` continues it, and each
+job's state (finished, interrupted at step N, failed, not started) can be read off its directory.
+
+A stop is a file, <sweep dir>/stopped.json, so that it reaches every job whichever launcher runs them: in this
+process (basic), in worker processes (joblib) or in processes of their own (submitit). Whoever gets the signal
+first writes it: the sweep's own process, or a job's, which saves last.ckpt at its current step before. Jobs that
+see it do not start, running ones stop at their next step, and the sweep then exits 128 + the signal's number with
+the command that continues it (docs/studies.md, "Stopping and continuing a sweep").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.experimental.callback import Callback
+
+from lm.files import write_atomically
+
+STOP_FILE = "stopped.json"
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CONTINUE = "python scripts/train.py -m resume={}"
+
+
+def stop_signal(sweep_dir: Path | str) -> int:
+    """The signal that stopped the sweep (0: none)."""
+    try:
+        return int(json.loads((Path(sweep_dir) / STOP_FILE).read_text())["signal"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def request_stop(sweep_dir: Path | str, signum: int) -> None:
+    """Stops the sweep: no job starts from now on, and running ones stop at their next step. The first signal is
+    the one kept."""
+    path = Path(sweep_dir) / STOP_FILE
+    if not stop_signal(sweep_dir) and path.parent.is_dir():
+        record = {"signal": int(signum), "name": signal.Signals(signum).name}
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record)))
+
+
+def clear_stop(sweep_dir: Path | str) -> None:
+    """A sweep being continued starts without its earlier stop."""
+    (Path(sweep_dir) / STOP_FILE).unlink(missing_ok=True)
+
+
+class _StopSweep:
+    """The sweep's own handler of SIGINT and SIGTERM: the first stops the sweep, a second ends its process at once
+    (the way a run's own second Ctrl-C does; jobs in other processes still stop at their next step)."""
+
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir, self.received = sweep_dir, 0
+
+    def __call__(self, signum, frame) -> None:
+        if self.received:
+            print(f"\n{signal.Signals(signum).name} received again: stopped at once.", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        request_stop(self.sweep_dir, signum)
+        print(
+            f"\n[transformer-lm] {signal.Signals(signum).name} received: the sweep stops; running jobs save "
+            "last.ckpt at their current step, and no other job starts.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+class SweepSignals:
+    """The sweep's process takes SIGINT and SIGTERM on a thread of its own (`sigwait`), with the signals blocked
+    everywhere else. The block is inherited by the processes it starts, so a launcher's helpers (submitit's local
+    controller, which would kill its job a second after passing a Ctrl-C on; joblib's idle workers) are not
+    stopped by a Ctrl-C meant for the sweep; each job unblocks them when it starts (`listen_for_stop`)."""
+
+    def __init__(self, sweep_dir: Path):
+        self.handler = _StopSweep(sweep_dir)
+        self.closing = False
+        self.previous_handlers: dict[int, object] = {}
+        self.previous_mask: set | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+            return
+        # also the Python handler, for a signal a thread started earlier (with them unblocked) takes
+        self.previous_handlers = {signum: signal.signal(signum, self.handler) for signum in SIGNALS}
+        self.previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        self.thread = threading.Thread(target=self._wait, name="sweep-signals", daemon=True)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        while True:
+            signum = signal.sigwait(SIGNALS)
+            if self.closing:
+                return
+            self.handler(signum, None)
+
+    def stop(self) -> None:
+        if self.thread is None:
+            return
+        self.closing = True
+        signal.pthread_kill(self.thread.ident, signal.SIGTERM)  # wakes the thread's sigwait, which returns
+        self.thread.join(timeout=5)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.previous_mask)
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.thread = None
+
+
+class _StopJob:
+    """A job's handler of SIGINT and SIGTERM in a process of its own (joblib, submitit) while it is not training
+    (lm.callbacks.SaveOnInterrupt handles them then): the job stops at its first step, and a second signal ends the
+    process at once. A signal to one job's process stops that job alone; the sweep goes on."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def __call__(self, signum, frame) -> None:
+        if self.received:
+            print(f"\n{signal.Signals(signum).name} received again: stopped at once.", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+
+
+_SWEEP_PROCESS = False  # whether this process is the sweep's own (where SweepSignals takes the signals)
+_JOB_HANDLER = _StopJob()
+
+
+def in_sweep_process() -> bool:
+    """Whether this process is the sweep's own (the basic launcher runs the jobs in it): a signal here is the
+    sweep's."""
+    return _SWEEP_PROCESS
+
+
+def listen_for_stop() -> None:
+    """At the start of each job: in a process of the job's own, SIGINT and SIGTERM are unblocked (see
+    `SweepSignals`) and stop this job; in the sweep's own process (the basic launcher) they stay the sweep's."""
+    _JOB_HANDLER.received = 0
+    if _SWEEP_PROCESS or threading.current_thread() is not threading.main_thread():
+        return
+    for signum in SIGNALS:
+        signal.signal(signum, _JOB_HANDLER)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+class StopWithSweep(L.Callback):
+    """Stops a sweep's job at the end of its current step, saving last.ckpt, once the sweep was stopped (the stop
+    file) or this job's process got a signal while it was not training: it hands the stop to
+    `lm.callbacks.SaveOnInterrupt` as if the signal had come during training."""
+
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir = sweep_dir
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
+        from lm.callbacks import SaveOnInterrupt
+
+        if signum := _JOB_HANDLER.received or stop_signal(self.sweep_dir):
+            for callback in trainer.callbacks:
+                if isinstance(callback, SaveOnInterrupt) and not callback.received:
+                    callback.received = signum
+
+
+@dataclass
+class JobState:
+    """How a sweep's job stands: finished, interrupted (at `step`: its last.ckpt), failed (with its `error`
+    line) or not started."""
+
+    state: str
+    step: int | None = None
+    error: str | None = None
+    summary: dict | None = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.state == "interrupted" and self.step is not None
+
+    def describe(self) -> str:
+        if self.state == "interrupted":
+            at = f"at step {self.step}" if self.step is not None else "before its first checkpoint"
+            how = "" if (self.summary or {}).get("status") == "interrupted" else " (killed, or still running)"
+            return f"interrupted {at}{how}"
+        if self.state == "failed":
+            return f"failed: {self.error}"
+        return self.state
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint was saved at (its tensors are mapped, not read); None for a damaged file."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except Exception:
+        return None
+
+
+def job_state(job_dir: Path) -> JobState:
+    """A job's state, from its summary.json (written when it finishes, fails or is interrupted) and last.ckpt."""
+    try:
+        summary = json.loads((job_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    status = summary.get("status")
+    if status == "finished":
+        return JobState("finished", summary=summary)
+    if status == "failed":
+        return JobState("failed", error=summary.get("error"), summary=summary)
+    last = job_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return JobState("interrupted", step=checkpoint_step(last), summary=summary)
+    if status == "interrupted" or any(job_dir.glob("events.out.tfevents.*")) or (job_dir / "csv").is_dir():
+        return JobState("interrupted", summary=summary)  # trained, but stopped before any checkpoint
+    return JobState("not started")
+
+
+def has_continuable_state(job_dir: Path) -> bool:
+    """Whether a continued sweep keeps this job's directory as it is (finished) or goes on from its last.ckpt."""
+    state = job_state(job_dir)
+    return state.state == "finished" or state.resumable
+
+
+def config_subdir(*, _root_) -> str | None:
+    """hydra.output_subdir of a continued sweep's job (a resolver): where Hydra writes the job's settings. A job
+    that finished, or goes on from its checkpoint, keeps the .hydra/ it started with (None: Hydra writes nothing;
+    a continued job's settings go to .hydra/resumed_at_<step>/); a new or rerun job gets .hydra/ as usual."""
+    return None if has_continuable_state(Path(_root_.hydra.runtime.output_dir)) else ".hydra"
+
+
+def clear_attempt(job_dir: Path) -> None:
+    """Removes what a failed or barely started attempt of a job wrote, before the job runs again from the start;
+    its settings (.hydra/) and train.log, which the new attempt appends to, stay."""
+    for path in job_dir.iterdir():
+        if path.name in (".hydra", "train.log"):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def sweep_jobs(sweep_dir: Path) -> list[Path]:
+    """The job directories of a sweep (those holding .hydra/overrides.yaml), in job order."""
+    jobs = [p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")]
+
+    def number(job: Path) -> tuple[int, str]:
+        head = job.name.split("_", 1)[0]
+        return (int(head) if head.isdigit() else 1 << 30, job.name)
+
+    return sorted(jobs, key=number)
+
+
+def states_line(sweep_dir: Path) -> str:
+    """ "2 finished, 1 interrupted, 3 not started": the sweep's jobs counted by state."""
+    counts: dict[str, int] = {}
+    for job in sweep_jobs(sweep_dir):
+        state = job_state(job).state
+        counts[state] = counts.get(state, 0) + 1
+    order = ("finished", "interrupted", "failed", "not started")
+    return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)) or "no job started"
+
+
+def continue_command(sweep_dir: Path) -> str:
+    """The command that continues the sweep, with its directory relative to here when it is below."""
+    try:
+        shown = Path(sweep_dir).resolve().relative_to(Path.cwd())
+    except ValueError:
+        shown = Path(sweep_dir)
+    return CONTINUE.format(shown)
+
+
+class StopSweepOnSignal(Callback):
+    """A Hydra callback for every multirun (conf/train.yaml): on SIGINT or SIGTERM the sweep stops (see the
+    module's docstring) and, once the launcher has returned, exits 128 + the signal's number with the command that
+    continues it. A continued sweep starts without its earlier stop."""
+
+    def __init__(self) -> None:
+        self.sweep_dir: Path | None = None
+        self.signals: SweepSignals | None = None
+
+    def __getstate__(self) -> dict:
+        # launchers send Hydra's callbacks to the jobs' processes (joblib, submitit): the signal thread stays here
+        return {**self.__dict__, "signals": None}
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        global _SWEEP_PROCESS
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        clear_stop(self.sweep_dir)
+        self.signals = SweepSignals(self.sweep_dir)
+        self.signals.start()
+        _SWEEP_PROCESS = self.signals.thread is not None
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        global _SWEEP_PROCESS
+        if self.signals is not None:
+            self.signals.stop()
+        _SWEEP_PROCESS = False
+        if self.sweep_dir is None:
+            return
+        states = states_line(self.sweep_dir)
+        if signum := stop_signal(self.sweep_dir):
+            print(
+                f"[transformer-lm] {signal.Signals(signum).name} stopped the sweep in {self.sweep_dir} ({states}); "
+                f"continue it with: {continue_command(self.sweep_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(128 + signum)
+        if "interrupted" in states or "failed" in states:
+            print(
+                f"[transformer-lm] the sweep in {self.sweep_dir} ended: {states}; to run what did not finish: "
+                f"{continue_command(self.sweep_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
