@@ -7,8 +7,12 @@ gets its machine's recipe (conf/recipes.yaml), and generate.py's `prompt=` is qu
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -28,7 +32,9 @@ def command_line(script: str, argv: list[str]) -> list[str]:
     quoted. Other scripts' arguments pass unchanged.
     """
     if script == "train":
+        refuse_a_used_directory(argv)
         typed = log_into_resumed_run(continue_sweep(argv))
+        typed = run_dir_of_another_rank(typed)
         argv = recipe_for_this_machine(typed)
         # the recipe's items come after what the command said in run directory names (lm.config.short_name)
         os.environ[RECIPE_KEYS] = ",".join(override_key(a) for a in argv if a not in typed)
@@ -88,6 +94,54 @@ def continue_sweep(argv: list[str]) -> list[str]:
     flags = [] if {"-m", "--multirun"} & set(argv) else ["-m"]
     continued = [f"hydra.sweep.dir={sweep_dir}", "hydra.output_subdir=${lm_config_subdir:}"]
     return [argv[0], *flags, *insert_overrides(argv, previous)[1:], *continued]
+
+
+def launch_rank() -> int:
+    """This process's rank in a run started by several processes at once, from what their launcher sets: torchrun
+    (RANK), SLURM's srun (SLURM_PROCID, with more than one task), or one `python scripts/train.py` per node with
+    Lightning's own launcher (NODE_RANK: the first process of each node); 0 otherwise."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
+    return int(os.environ.get("NODE_RANK", "0"))
+
+
+def run_dir_of_another_rank(argv: list[str]) -> list[str]:
+    """Only rank 0 makes the run's directory. Every other rank (another node, or another process of torchrun or
+    srun) gets a private temporary one for what Hydra writes at start, removed when it exits, and takes rank 0's
+    directory once the processes meet (lm.callbacks.LatestCheckpoint, Lightning's ModelCheckpoint); what the run
+    writes, only rank 0 writes. A command that names its directory (resume=, hydra.run.dir=, as Lightning's
+    launcher does for the processes it starts) keeps it on every rank."""
+    if launch_rank() == 0 or any(a.startswith("hydra.run.dir=") for a in argv) or {"-m", "--multirun"} & set(argv):
+        return argv  # (a sweep's jobs are one process each)
+    private = tempfile.mkdtemp(prefix=f"transformer-lm-rank{launch_rank()}-")
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    return [*argv, f"hydra.run.dir={private}", "hydra.output_subdir=null"]
+
+
+def refuse_a_used_directory(argv: list[str]) -> None:
+    """A run directory that holds a run, or a sweep directory that holds a sweep, is only ever reused by resume=:
+    anything else would write a second run over the first (its checkpoints, logs and summary.json)."""
+    if any(a.startswith("resume=") for a in argv):
+        return
+    for arg in argv[1:]:
+        key, _, value = arg.partition("=")
+        value = value.strip("'\"")
+        if key == "hydra.run.dir" and not any(a.startswith("hydra.job.name=train_ddp_process_") for a in argv):
+            held = [n for n in ("checkpoints", "summary.json", ".hydra") if (Path(value) / n).exists()]
+        elif key == "hydra.sweep.dir":
+            held = [n for n in ("multirun.yaml",) if (Path(value) / n).exists()]
+        else:
+            continue
+        if held:
+            what = "run" if key == "hydra.run.dir" else "sweep"
+            print(
+                f"error: {key}={value} holds a {what} already ({held[0]}); continue it with resume={value}, or pick "
+                "a new directory.",
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
 
 def machine_recipes() -> dict[str, dict[str, str]]:

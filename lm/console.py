@@ -27,9 +27,11 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val/|step)")
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-# On resume, that the run's checkpoint folder holds checkpoints (it is meant to: the run goes on there); on a small
+# On resume, that the run's checkpoint folder holds checkpoints (it is meant to: the run goes on there) and that
+# its CSV log will be deleted (lm.loggers.CSVLogger keeps it and goes on writing it); on a small
 # corpus, that an epoch has fewer batches than the logging interval (logging counts steps across epochs here).
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 # Lightning's start-up lines that our own start line already says better (device, precision) or that concern
 # hardware a run does not use (TPUs, HPUs), and its advertisement for a cloud logger.

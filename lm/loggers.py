@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.tensorboard.summary import hparams
@@ -74,3 +77,22 @@ class TensorBoardLogger(LightningTensorBoardLogger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSV logger, continued by a resumed run: Lightning's own writer deletes the metrics.csv it finds
+    (warning that "previous log files ... will be deleted") and starts knowing no column; this one keeps the rows
+    logged before and goes on under their header."""
+
+    @property
+    def experiment(self):
+        if self._experiment is not None:
+            return super().experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        earlier = path.read_bytes() if path.is_file() else b""
+        writer = super().experiment
+        if earlier and isinstance(getattr(writer, "metrics_file_path", None), str):  # rank 0; others get a stand-in
+            Path(writer.metrics_file_path).write_bytes(earlier)
+            header = next(csv.reader(earlier.decode().splitlines()), [])
+            writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
+        return writer

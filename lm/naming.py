@@ -45,7 +45,7 @@ def short_name(overrides: str) -> str:
     hold unquoted are dropped (quotes) or replaced: accents by the letter (é: e), the rest by _."""
     ascii_only = unicodedata.normalize("NFKD", readable_numbers(overrides)).encode("ascii", "ignore").decode()
     overrides = UNQUOTED.sub("_", ascii_only.replace("'", "").replace('"', ""))
-    items = overrides.split("+") if overrides else []
+    items = [item for item in overrides.split("+") if item]  # (an appended key, +key=v, reads "+key-v")
     recipe = set(filter(None, os.environ.get(RECIPE_KEYS, "").split(",")))
 
     def order(item: str) -> tuple[bool, bool]:
@@ -81,6 +81,6 @@ def job_name(overrides: str) -> str:
     """A sweep job's directory name: only the overrides that differ between the sweep's jobs (the full list stays
     in its .hydra/overrides.yaml), so TensorBoard's run list shows what each run is."""
     constants = set(filter(None, os.environ.get(SWEEP_CONSTANTS, "").split(",")))
-    items = overrides.split("+") if overrides else []
+    items = [item for item in overrides.split("+") if item]
     varying = [item for item in items if item.split("-", 1)[0] not in constants]
     return short_name("+".join(varying or items))

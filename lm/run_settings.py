@@ -16,6 +16,7 @@ from lm.checkpoint import check_resumable, read_checkpoint
 from lm.errors import ConfigError, is_count, is_number
 from lm.model import TransformerConfig
 from lm.module import LanguageModel
+from lm.run_log import is_rank_zero
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -42,7 +43,10 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
 
 def keep_resumed_settings(cfg: DictConfig, step: int) -> None:
-    """<run dir>/.hydra/resumed_at_<step>/: the config and overrides of a resumed run, beside the original's."""
+    """<run dir>/.hydra/resumed_at_<step>/: the config and overrides of a resumed run, beside the original's
+    (written by rank 0: every process of a run resumed on several reads the same directory)."""
+    if not is_rank_zero():
+        return
     folder = Path(cfg.paths.run_dir) / ".hydra" / f"resumed_at_{step}"
     folder.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, folder / "config.yaml")

@@ -163,8 +163,8 @@ def test_a_study_is_one_command_that_ends_with_its_report(tmp_path, corpus, cli)
     assert compared.returncode == 0, compared.stderr
     report = (sweep / "results.md").read_text()
     assert re.search(r"\| model.init=gpt2 \| [0-9.]+M \| 2 of 3 \|", report)
-    assert "`6_model.init-gpt2+seed-3` (failed): The training loss became nan" in report
-    assert "`7_model.init-xavier+seed-3` (incomplete)" in report
+    assert "`6_model.init-gpt2+seed-3`: failed: The training loss became nan" in report
+    assert "`7_model.init-xavier+seed-3`: not started" in report  # nothing trained: no checkpoint, no logs
 
 
 def test_every_job_of_a_study_titles_its_final_table_alike(tmp_path, corpus, cli):

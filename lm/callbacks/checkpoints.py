@@ -30,6 +30,10 @@ class LatestCheckpoint(Checkpoint):
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self._saved_step: int | None = None
 
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        # rank 0's directory on every process: the others may have been started with a private one (lm.cli)
+        self.path = Path(trainer.strategy.broadcast(str(self.path)))
+
     def save(self, trainer: L.Trainer) -> None:
         """Writes the checkpoint now (on every rank's call; only rank 0 writes), unless this step is saved already."""
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or trainer.global_step == self._saved_step:

@@ -4,10 +4,11 @@
     rows = sweep_table("outputs/multirun/pe_study/2026-11-26_01-00-00")   # one dict per configuration
 
 Each job directory of the sweep holds `.hydra/overrides.yaml` (what the job changed), TensorBoard event files
-(read in full, not TensorBoard's default sample) and, once it has finished, `summary.json` (final metrics, wall
-time, parameters and the evaluations at several context lengths). Jobs that are given the same overrides except
-`seed` form one configuration; numbers are mean and standard deviation over its finished seeds. Failed and
-unfinished jobs are listed, never fatal.
+(read in full, not TensorBoard's default sample) and, once it has finished, failed or been interrupted,
+`summary.json` (final metrics, wall time, parameters and the evaluations at several context lengths). Jobs that
+are given the same overrides except `seed` form one configuration; numbers are mean and standard deviation over its
+finished seeds. Failed, interrupted and unstarted jobs are listed with their state (`lm.sweep.job_state`), never
+fatal.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm.naming import readable_numbers
+from lm.sweep import job_state
 
 # tensorboard's reader logs every file it finishes at INFO, which Hydra's logging would print
 logging.getLogger("tensorboard").setLevel(logging.WARNING)
 
 # overrides that never tell configurations apart
-IGNORED_OVERRIDES = ("seed", "experiment", "hparams_search")
+IGNORED_OVERRIDES = ("seed", "experiment", "hparams_search", "resume")
 
 
 @dataclass
@@ -46,10 +48,11 @@ class JobRecord:
 
     path: Path
     overrides: list[str]
-    status: str  # finished | failed | incomplete (failed without a summary, or still running)
+    status: str  # finished | interrupted | failed | not started (lm.sweep.job_state)
     summary: dict
     curves: dict[str, Curve]
     label: str = ""
+    state: str = ""  # the state in words: "interrupted at step 340", "failed: <its error line>"
 
     @property
     def seed(self) -> str | None:
@@ -91,8 +94,8 @@ def load_sweep(sweep_dir: Path | str) -> list[JobRecord]:
         overrides = [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
         summary_file = job_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-        status = summary.get("status", "incomplete")
-        jobs.append(JobRecord(job_dir, overrides, status, summary, read_curves(job_dir)))
+        state = job_state(job_dir)
+        jobs.append(JobRecord(job_dir, overrides, state.state, summary, read_curves(job_dir), state=state.describe()))
     _label(jobs)
     return jobs
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import signal
 from pathlib import Path
 
 from lm.report.plots import write_plots
 from lm.report.scaling import frontier_handovers, size_sweep
 from lm.report.sweep import load_sweep, markdown_table, sweep_table
+from lm.sweep import continue_command, states_line, stop_signal
 
 
 def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
@@ -31,7 +33,7 @@ def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
     lines = [f"# Results: {sweep_dir.name}", ""]
     longer = [m for m in ("2x", "4x") if any(r.get(f"val_loss_{m}") is not None for r in rows)]
     header = (
-        f"{len(jobs)} jobs, {len(jobs) - len(not_finished)} finished; mean ± standard deviation over seeds. "
+        f"{len(jobs)} jobs: {states_line(sweep_dir)}; mean ± standard deviation over finished seeds. "
         "Validation loss in nats per character, over the whole validation split"
     )
     if longer:  # only where the table has those columns
@@ -54,11 +56,15 @@ def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
             ]
             lines += [f"- {line}" for line in handovers]
         lines.append("")
+    if signum := stop_signal(sweep_dir):
+        lines.append(
+            f"**Partial: {signal.Signals(signum).name} stopped this sweep before {len(not_finished)} of its jobs "
+            f"finished** (listed below); `{continue_command(sweep_dir)}` runs them and writes this report again."
+        )
+        lines.append("")
     if not_finished:
-        lines.append("Not finished (failed, or still running):")
-        for job in not_finished:
-            reason = job.summary.get("error", "no summary.json yet")
-            lines.append(f"- `{job.path.name}` ({job.status}): {reason}")
+        lines.append("Not finished:")
+        lines += [f"- `{job.path.name}`: {job.state}" for job in not_finished]
         lines.append("")
     for name in ("val_loss.png", "extrapolation.png", "scaling.png", "compute.png", "context.png", "train_val.png"):
         if name in written:
