@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from lm.files import write_atomically
 
@@ -291,6 +292,9 @@ class StopSweepOnSignal(Callback):
         global _SWEEP_PROCESS
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.sweep_dir / "multirun.yaml").is_file():
+            # what resume=<sweep dir> reads: Hydra's basic sweeper writes it (the same) too, the Optuna one does not
+            OmegaConf.save(config, self.sweep_dir / "multirun.yaml")
         clear_stop(self.sweep_dir)
         self.signals = SweepSignals(self.sweep_dir)
         self.signals.start()

@@ -82,6 +82,7 @@ class TrainingJob:
     ckpt_path: str | None
     precision: str
     hparams: dict  # as the loggers got them, for summary.json
+    resumed_seconds: float = 0.0  # training time of the run this one resumes (its fit_seconds count it)
 
 
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
@@ -131,7 +132,7 @@ def build(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingJob:
     hparams["parameters"] = module.model.num_parameters()
     for logger in loggers:
         logger.log_hyperparams(hparams)
-    return TrainingJob(datamodule, module, trainer, ckpt_path, precision, hparams)
+    return TrainingJob(datamodule, module, trainer, ckpt_path, precision, hparams, spent if cfg.resume else 0.0)
 
 
 def model_config(cfg: DictConfig, vocab_size: int) -> tuple[TransformerConfig, bool | str]:
@@ -228,7 +229,7 @@ def finish(cfg: DictConfig, job: TrainingJob, fit_seconds: float) -> dict[str, f
         "status": "finished",
         "metrics": metrics,
         "global_step": trainer.global_step,
-        "fit_seconds": fit_seconds,
+        "fit_seconds": job.resumed_seconds + fit_seconds,
         "tokens_per_step": datamodule.batch_size * datamodule.seq_length * trainer.world_size,
         # forward and backward, attention included (counted on a meta-device copy): the x axis of loss-vs-compute
         "flops_per_step": module.flops_per_batch * trainer.accumulate_grad_batches * trainer.world_size,

@@ -4,6 +4,7 @@ directory, and a run on several nodes writes one directory."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -265,3 +266,30 @@ def test_two_nodes_write_one_run_directory_through_validations_and_a_resume(tmp_
     assert len(csv_column(run, "val/loss")) == 5
     assert not list(scratch.glob("transformer-lm-*"))
     assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())  # rank 0's, as it started
+
+
+def test_an_optuna_search_continues_with_the_same_trials(tmp_path, corpus, cli):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    args = [
+        f"data.path={corpus}",
+        "hparams_search=optuna_lr",
+        *FAST,
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "hydra.sweeper.n_trials=3",
+    ]
+    cli.train(args, tmp_path)
+    sweep = next((tmp_path / "outputs" / "multirun" / "optuna_lr").iterdir())
+    first, failed, unstarted = jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    # as a stopped search leaves them: one failed, one that never trained (only its settings)
+    (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "The training loss became nan"}))
+    for path in unstarted.iterdir():
+        if path.name != ".hydra":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
+    result = cli.train(["-m", f"resume={sweep}"], tmp_path)
+    assert f"{first.name}: finished earlier" in result.stderr
+    # the seeded sampler, given the first trial's stored result, proposes the same trials: the same directories
+    assert sorted(p for p in sweep.iterdir() if p.is_dir()) == jobs
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == kept
+    assert [job_state(j).state for j in jobs] == ["finished"] * 3

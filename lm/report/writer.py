@@ -31,6 +31,12 @@ def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
     written.update(write_plots(sweep_dir, jobs, rows, sizes))
     not_finished = [j for j in jobs if j.status != "finished"]
     lines = [f"# Results: {sweep_dir.name}", ""]
+    if signum := stop_signal(sweep_dir):
+        lines.append(
+            f"**Partial: {signal.Signals(signum).name} stopped this sweep before {len(not_finished)} of its jobs "
+            f"finished** (listed below); `{continue_command(sweep_dir)}` runs them and writes this report again."
+        )
+        lines.append("")
     longer = [m for m in ("2x", "4x") if any(r.get(f"val_loss_{m}") is not None for r in rows)]
     header = (
         f"{len(jobs)} jobs: {states_line(sweep_dir)}; mean ± standard deviation over finished seeds. "
@@ -55,12 +61,6 @@ def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
                 "compute.png) is held by:",
             ]
             lines += [f"- {line}" for line in handovers]
-        lines.append("")
-    if signum := stop_signal(sweep_dir):
-        lines.append(
-            f"**Partial: {signal.Signals(signum).name} stopped this sweep before {len(not_finished)} of its jobs "
-            f"finished** (listed below); `{continue_command(sweep_dir)}` runs them and writes this report again."
-        )
         lines.append("")
     if not_finished:
         lines.append("Not finished:")
