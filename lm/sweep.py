@@ -194,9 +194,10 @@ class JobState:
 
 
 def checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint was saved at (its tensors are mapped, not read); None for a damaged file."""
+    """The step a checkpoint was saved at (its tensors are mapped, not read; nothing in it can run code); None for a
+    damaged or foreign file."""
     try:
-        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
     except Exception:
         return None
 

@@ -138,13 +138,14 @@ def test_ctrl_c_stops_a_sweep_and_resume_finishes_it_training_nothing_twice(tmp_
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_ctrl_c_stops_every_job_of_a_parallel_sweep(tmp_path, corpus, launcher):
     pytest.importorskip(f"hydra_plugins.hydra_{launcher.split('_')[0]}_launcher")
-    # joblib: two jobs at once, the third waits; submitit_local: all three at once, each under a controller
+    # (3000 steps: long enough to be interrupted, short enough that a failed test leaves no worker training for
+    # long); joblib: two jobs at once, the third waits; submitit_local: all three at once, each under a controller
     # process that would kill its job a second after passing a Ctrl-C on
     parallel = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.cpus_per_task=1"]
     log_path = tmp_path / "sweep.txt"
     with open(log_path, "w") as log:
         process = start_sweep(
-            tmp_path, corpus, [f"hydra/launcher={launcher}", *parallel, "trainer.max_steps=100000", "seed=1,2,3"], log
+            tmp_path, corpus, [f"hydra/launcher={launcher}", *parallel, "trainer.max_steps=3000", "seed=1,2,3"], log
         )
         jobs = lambda: list((tmp_path / "outputs").glob("multirun/*/*_seed-*"))  # noqa: E731
         wait_for(lambda: sum(steps_logged(j) >= 3 for j in jobs()) >= 2, process)
