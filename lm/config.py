@@ -1,9 +1,8 @@
 """Where the configs live, the resolvers they use, and composing one in-process.
 
-Importing this module registers the resolvers that `conf/` interpolates (`lm_suffix`, `lm_name`, `lm_div`, `lm_new_dir`,
-`lm_config_subdir`), so
-any code that composes a config, the command line's or a test's, finds them. The run directory names they make
-come from `lm.naming`.
+Importing this module registers the resolvers that `conf/` interpolates (`lm_suffix`, `lm_name`, `lm_div`,
+`lm_new_dir`, `lm_config_subdir`), so any code that composes a config, the command line's or a test's, finds them.
+The run directory names they make come from `lm.naming`.
 """
 
 from __future__ import annotations

@@ -257,14 +257,10 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
     return sorted(jobs, key=number)
 
 
-def states_line(sweep_dir: Path) -> str:
-    """ "2 finished, 1 interrupted, 3 not started": the sweep's jobs counted by state."""
-    counts: dict[str, int] = {}
-    for job in sweep_jobs(sweep_dir):
-        state = job_state(job).state
-        counts[state] = counts.get(state, 0) + 1
+def states_line(states: list[str]) -> str:
+    """ "2 finished, 1 interrupted, 3 not started": jobs counted by state (`JobState.state`)."""
     order = ("finished", "interrupted", "failed", "not started")
-    return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s)) or "no job started"
+    return ", ".join(f"{states.count(s)} {s}" for s in order if s in states) or "no job started"
 
 
 def continue_command(sweep_dir: Path) -> str:
@@ -308,7 +304,7 @@ class StopSweepOnSignal(Callback):
         _SWEEP_PROCESS = False
         if self.sweep_dir is None:
             return
-        states = states_line(self.sweep_dir)
+        states = states_line([job_state(job).state for job in sweep_jobs(self.sweep_dir)])
         if signum := stop_signal(self.sweep_dir):
             print(
                 f"[transformer-lm] {signal.Signals(signum).name} stopped the sweep in {self.sweep_dir} ({states}); "

@@ -13,7 +13,6 @@ fatal.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -92,10 +91,9 @@ def load_sweep(sweep_dir: Path | str) -> list[JobRecord]:
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"), key=_job_order):
         job_dir = overrides_file.parent.parent
         overrides = [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
-        summary_file = job_dir / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-        state = job_state(job_dir)
-        jobs.append(JobRecord(job_dir, overrides, state.state, summary, read_curves(job_dir), state=state.describe()))
+        state = job_state(job_dir)  # (it reads summary.json)
+        curves = read_curves(job_dir)
+        jobs.append(JobRecord(job_dir, overrides, state.state, state.summary or {}, curves, state=state.describe()))
     _label(jobs)
     return jobs
 

@@ -39,7 +39,7 @@ def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
         lines.append("")
     longer = [m for m in ("2x", "4x") if any(r.get(f"val_loss_{m}") is not None for r in rows)]
     header = (
-        f"{len(jobs)} jobs: {states_line(sweep_dir)}; mean ± standard deviation over finished seeds. "
+        f"{len(jobs)} jobs: {states_line([j.status for j in jobs])}; mean ± standard deviation over finished seeds. "
         "Validation loss in nats per character, over the whole validation split"
     )
     if longer:  # only where the table has those columns
