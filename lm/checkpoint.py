@@ -117,7 +117,9 @@ def check_resumable(
     """
     meta = checkpoint[CHECKPOINT_KEY]
     option = f"resume={path.parent.parent}" if continuing else f"ckpt_path={path}"
-    theirs, ours = _model_settings(meta["model_config"]), _model_settings(config.to_dict())
+    # through TransformerConfig: a checkpoint written before an option existed reads that option's default
+    theirs = _model_settings(TransformerConfig(**meta["model_config"]).to_dict())
+    ours = _model_settings(config.to_dict())
     if differ := [key for key in ours if theirs.get(key) != ours[key]]:
         was = " ".join(f"{key}={theirs.get(key)}" for key in differ)
         asked = " ".join(f"{key}={ours[key]}" for key in differ)

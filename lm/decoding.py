@@ -34,6 +34,9 @@ def attention_step(
     (3, D, D) for this position."""
     B, C = h.shape
     qkv = decode_linear(h, attn.qkv, cache.matrices.get(attn.qkv)).view(B, 3, attn.n_head, attn.head_dim)
+    if attn.q_norm is not None:  # QK-norm, before the rotation
+        q, k, v = qkv.unbind(1)
+        qkv = torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=1)
     if rotation is not None:  # q and k rotated, v as it was: one product (rows of all samples, not a broadcast
         # of `rotation` over the batch, which would copy it B times)
         rows = qkv.transpose(0, 1).reshape(3, B * attn.n_head, attn.head_dim)
@@ -51,12 +54,25 @@ def attention_step(
 
 def block_step(block: Block, x: torch.Tensor, slot, visible, rotation, cache: KVCache) -> torch.Tensor:
     """`block(x)` with a cache for one new position per row, `x` of shape (B, C), in inference (no dropout)."""
+    if block.post_norm:  # ln(x + f(x)): the norms after the residual additions
+        x = block.ln_1(attention_step(block.attn, x, x, slot, visible, rotation, cache))
+        return block.ln_2(mlp_step(block, x, x, cache))
     x = attention_step(block.attn, block.ln_1(x), x, slot, visible, rotation, cache)
-    fc, proj = block.mlp.fc, block.mlp.proj
+    return mlp_step(block, block.ln_2(x), x, cache)
+
+
+def mlp_step(block: Block, h: torch.Tensor, residual: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """`residual + block.mlp(h)` for one position per row."""
+    fc, proj, mlp = block.mlp.fc, block.mlp.proj, block.mlp
     # with float16 copies, GELU in float16: the next product rounds its input to float16 anyway, and PyTorch's
-    # float16 GELU on a CPU is faster than its float32 one for one row
-    h = F.gelu(decode_linear(block.ln_2(x), fc, cache.matrices.get(fc), keep_copy_dtype=True))
-    return decode_linear(h, proj, cache.matrices.get(proj), x)
+    # float16 GELU on a CPU is faster than its float32 one for one row; the squares and products of relu2 and
+    # swiglu in float32, where float16's range cannot overflow
+    h = decode_linear(h, fc, cache.matrices.get(fc), keep_copy_dtype=True)
+    if mlp.kind in ("relu2", "swiglu") and h.dtype == torch.float16:
+        h = mlp.activation(h.float()).to(torch.float16)
+    else:
+        h = mlp.activation(h)
+    return decode_linear(h, proj, cache.matrices.get(proj), residual)
 
 
 # A decoding step's products have one row per sample. On a CPU, MKL runs such a product on one core; split into
@@ -196,4 +212,4 @@ def decode_step(model: Transformer, ids: torch.Tensor, position: torch.Tensor, c
         visible = visible.view(1, 1, -1)
     for block in model.blocks:
         x = block_step(block, x, slot, visible, rotation, cache)
-    return decode_linear(model.ln_f(x), model.head, cache.matrices.get(model.head))
+    return model.cap_logits(decode_linear(model.ln_f(x), model.head, cache.matrices.get(model.head)))

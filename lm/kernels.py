@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from lm.fused import RMS_EPS, rms_norm_backward_into, rms_norm_into
+
 ATTENTION_BLOCK = 64  # query rows per block of BlockCausalAttention
 
 
@@ -46,34 +48,55 @@ class RotaryHeads(torch.autograd.Function):
     head-major layout the attention's matrix products want: two passes over q and k instead of about nine (rotate
     half's negation and concatenation, the products, the sum, the layout copy; the same again backward).
     cos, sin: (T, D) tables as `RotaryEmbedding` builds them (both halves equal), or None for no rotation.
+    q_weight, k_weight: with QK-norm, the gains of RMSNorm over each head's query and key, applied before the
+    rotation (lm/fused.py's passes), else None.
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    def forward(ctx, qkv, cos, sin, q_weight=None, k_weight=None):
         B, T, _, H, D = qkv.shape
         outputs = [torch.empty(B, H, T, D, dtype=qkv.dtype, device=qkv.device) for _ in range(3)]
+        weights = (q_weight, k_weight)
+        scales = []
         for i, out in enumerate(outputs):
             source, target = qkv[:, :, i], out.transpose(1, 2)  # both (B, T, H, D)
+            if i < 2 and weights[i] is not None:  # QK-norm, written where the rotation reads it
+                normalized = target if cos is None else torch.empty_like(source, memory_format=torch.contiguous_format)
+                scales.append(rms_norm_into(source, weights[i], RMS_EPS, normalized))
+                source = normalized
             if cos is None or i == 2:
-                target.copy_(source)
+                if source.data_ptr() != target.data_ptr():
+                    target.copy_(source)
             else:  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with the halves' shared angles
                 rotate(source, target, cos, sin)
-        ctx.save_for_backward(cos, sin)
+        ctx.normalized = q_weight is not None
+        ctx.save_for_backward(cos, sin, *((qkv, q_weight, k_weight, *scales) if ctx.normalized else ()))
         ctx.shape = qkv.shape
         return tuple(out.view(B * H, T, D) for out in outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        cos, sin = ctx.saved_tensors
+        cos, sin, *normalization = ctx.saved_tensors
         B, T, _, H, D = ctx.shape
         dqkv = torch.empty(ctx.shape, dtype=grads[0].dtype, device=grads[0].device)
+        d_weights = [None, None]
         for i, grad in enumerate(grads):
             source, target = grad.view(B, H, T, D).transpose(1, 2), dqkv[:, :, i]
-            if cos is None or i == 2:
+            normalized = i < 2 and ctx.normalized
+            if normalized and cos is not None:  # un-rotate first, then back through the norm
+                unrotated = torch.empty_like(source, memory_format=torch.contiguous_format)
+                rotate(source, unrotated, cos, -sin)
+                source = unrotated
+            if normalized:
+                qkv, q_weight, k_weight, q_scale, k_scale = normalization
+                weight, scale = (q_weight, q_scale) if i == 0 else (k_weight, k_scale)
+                d_weight = rms_norm_backward_into(qkv[:, :, i], scale, weight, source.to(qkv.dtype), target)
+                d_weights[i] = d_weight.to(weight.dtype)
+            elif cos is None or i == 2:
                 target.copy_(source)
             else:  # the transpose of a rotation is the rotation by the opposite angle
                 rotate(source, target, cos, -sin)
-        return dqkv, None, None
+        return dqkv, None, None, *d_weights
 
 
 def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -2,6 +2,10 @@
 
 token embedding (+ absolute positions) -> n_layer x [x + attn(ln(x)); x + mlp(ln(x))] -> ln -> tied head
 
+That is the default, GPT-2's block. The later techniques are options of `TransformerConfig` (docs/configuration.md):
+RMSNorm for LayerNorm, post-LN (x = ln(x + f(x)), the 2017 Transformer's), a ReLU, squared-ReLU or SwiGLU MLP,
+QK-norm, an untied output head, and soft-capped logits.
+
 Positional encodings (lm/positional.py): `learned` and `sinusoidal` add a vector to each token embedding; `rope`
 rotates the queries and keys inside every attention layer, `alibi` biases the attention scores by distance, and
 `none` leaves order to the causal mask. Generation's one-position step and its KV cache are in lm/decoding.py.
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.errors import ConfigError, is_count
+from lm.fused import RMS_EPS, relu2, rms_norm, swiglu
 from lm.kernels import ATTENTION_BLOCK, BlockCausalAttention, RotaryHeads, byte_dropout
 from lm.positional import (
     POSITIONAL_ENCODINGS,
@@ -30,6 +35,9 @@ from lm.positional import (
 __all__ = ["POSITIONAL_ENCODINGS", "ContextTooLongError", "KVCache", "Transformer", "TransformerConfig"]
 
 INITS = ("gpt2", "pytorch", "xavier")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+MLPS = ("gelu", "relu", "relu2", "swiglu")
 
 
 @dataclass
@@ -53,6 +61,13 @@ class TransformerConfig:
     bias: bool = False
     init: str = "gpt2"
     pos_encoding: PositionalEncodingConfig = field(default_factory=PositionalEncodingConfig)
+    # the techniques since GPT-2's block; these defaults are GPT-2's, and a checkpoint without them reads them so
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_position: str = "pre"  # pre (GPT-2) | post (the 2017 Transformer: the norm after each residual addition)
+    mlp: str = "gelu"  # gelu | relu | relu2 (squared ReLU) | swiglu (hidden 8/3 x n_embd: the 4x MLP's parameters)
+    qk_norm: bool = False  # RMSNorm of queries and keys per head, before RoPE and the scores
+    tie_embeddings: bool = True  # the output head shares the token embedding's matrix
+    logit_softcap: float | None = None  # c: logits become c * tanh(logits / c)
 
     def __post_init__(self):
         if isinstance(self.pos_encoding, dict):
@@ -79,10 +94,27 @@ class TransformerConfig:
             raise ConfigError(f"model.init={self.init!r} is not one of {', '.join(INITS)}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1).")
+        for name, choices in (("norm", NORMS), ("norm_position", NORM_POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(choices)}.")
+        for name in ("qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} must be true or false.")
+        cap = self.logit_softcap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or not cap > 0):
+            raise ConfigError(f"model.logit_softcap={cap!r} must be a positive number, or null for no cap.")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 4 x n_embd, or for SwiGLU's two input matrices 8/3 x n_embd rounded to a multiple
+        of 8, which keeps the parameters and FLOPs of the 4x MLP."""
+        if self.mlp == "swiglu":
+            return 8 * max(1, round(self.n_embd * 8 / 3 / 8))
+        return 4 * self.n_embd
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,6 +151,32 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension with a learned gain (Zhang and Sennrich 2019): LayerNorm without the mean's
+    subtraction or a bias. On a CPU in hand-written passes (lm/fused.py)."""
+
+    def __init__(self, size: int, eps: float = RMS_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(config: TransformerConfig, size: int) -> nn.Module:
+    """The config's normalisation layer over `size` channels."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(size)
+    return nn.LayerNorm(size, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: x (B, T, C) to (B, T, C), with RoPE, an ALiBi bias or neither, and a
     KV cache when given one."""
@@ -130,6 +188,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = Dropout(config.dropout)
+        # QK-norm: RMSNorm of each head's query and key, with gains of their own (as OLMo 2 and Qwen 3 do)
+        self.q_norm = RMSNorm(config.head_dim) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim) if config.qk_norm else None
+
+    def norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The query and key norms' gains, or (None, None) without QK-norm."""
+        if self.q_norm is None:
+            return None, None
+        return self.q_norm.weight, self.k_norm.weight
 
     def forward(
         self, x: torch.Tensor, rope: RotaryEmbedding | None, bias: torch.Tensor | None, cache: KVCache | None
@@ -142,21 +209,26 @@ class CausalSelfAttention(nn.Module):
         if cache is None and x.device.type == "cpu" and on_cpu_kernels:
             # the same computation as below, in hand-written passes (lm/kernels.py) or, where it wins, the flash kernel
             cos, sin = rope.tables(0, T) if rope is not None else (None, None)
+            q_weight, k_weight = self.norm_weights()  # RotaryHeads normalises q and k first, with QK-norm
             if dropout_p == 0 and bias is None and qkv.dtype == torch.float32:
                 # fp32 without dropout, PyTorch's flash kernel is faster; with dropout the block kernel is (above);
                 # bf16 keeps the block kernel (docs/speed.md)
-                if rope is None:  # the kernel takes strided views: a head-major copy would cost a pass over q, k, v
-                    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+                if rope is None and q_weight is None:  # the kernel takes strided views: a head-major copy would
+                    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # cost a pass over q, k, v
                 else:
-                    q, k, v = (t.view(B, self.n_head, T, self.head_dim) for t in RotaryHeads.apply(qkv, cos, sin))
+                    heads = RotaryHeads.apply(qkv, cos, sin, q_weight, k_weight)
+                    q, k, v = (t.view(B, self.n_head, T, self.head_dim) for t in heads)
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
-                q, k, v = RotaryHeads.apply(qkv, cos, sin)
+                q, k, v = RotaryHeads.apply(qkv, cos, sin, q_weight, k_weight)
                 y = BlockCausalAttention.apply(q, k, v, dropout_p, ATTENTION_BLOCK, bias)
                 y = y.view(B, self.n_head, T, self.head_dim)
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         start = cache.length if cache is not None else 0
         qk, v = qkv.split([2, 1], dim=2)  # split, not indexing: its backward is one concatenation
+        if self.q_norm is not None:
+            q, k = qk.unbind(2)
+            qk = torch.stack([self.q_norm(q), self.k_norm(k)], dim=2)
         if rope is not None:
             qk = rope(qk, start, seq_dim=1)  # queries and keys rotated in one go
         q, k = qk.unbind(2)
@@ -181,31 +253,52 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The feed-forward part of a block: C to 4C, GELU, back to C (with dropout)."""
+    """The feed-forward part of a block: C to the hidden width, the activation, back to C (with dropout).
+
+    `gelu` (GPT-2), `relu` (2017) and `relu2` (max(x, 0)^2, Primer) widen to 4C; `swiglu` (silu(a) * b, Shazeer
+    2020) computes a and b with one matrix of 2 x 8/3 C rows, so that its three matrices hold the 4x MLP's
+    parameters."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden
+        self.kind = config.mlp
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
 
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        """The nonlinearity between fc and proj (SwiGLU halves the width)."""
+        if self.kind == "gelu":
+            return F.gelu(h)
+        if self.kind == "relu":
+            return F.relu(h)
+        if self.kind == "relu2":
+            return relu2(h)
+        return swiglu(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(self.activation(self.fc(x))))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm residual block: attention, then MLP."""
+    """Residual block, attention then MLP: pre-norm x + f(ln(x)) (GPT-2, the default) or post-norm ln(x + f(x))
+    (the 2017 Transformer)."""
 
     def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.post_norm = config.norm_position == "post"
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
     def forward(
         self, x: torch.Tensor, rope: RotaryEmbedding | None, bias: torch.Tensor | None, cache: KVCache | None
     ) -> torch.Tensor:
+        if self.post_norm:
+            x = self.ln_1(x + self.attn(x, rope, bias, cache))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), rope, bias, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -270,9 +363,11 @@ class Transformer(nn.Module):
         self.embedding_scale = math.sqrt(config.n_embd)
         self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        # post-norm blocks end normalised already: no final norm, as in the 2017 Transformer
+        self.ln_f = nn.Identity() if config.norm_position == "post" else make_norm(config, config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.head.weight = self.token_embedding.weight  # tied input and output embeddings
+        if config.tie_embeddings:
+            self.head.weight = self.token_embedding.weight  # tied input and output embeddings
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -282,6 +377,8 @@ class Transformer(nn.Module):
           residual stream's variance does not grow with depth (GPT-2, nanoGPT).
         - pytorch: each module's own default: linear layers U(+-1/sqrt(fan_in)), embeddings N(0, 1).
         - xavier: every weight matrix U(+-sqrt(6 / (fan_in + fan_out))) (Glorot and Bengio), depth-independent.
+
+        An untied head is a weight matrix like the others.
         """
         if self.config.init == "pytorch":
             for module in self.modules():
@@ -290,10 +387,11 @@ class Transformer(nn.Module):
             if isinstance(self.position, LearnedPositionalEmbedding):
                 nn.init.normal_(self.position.weight)
             return
+        gains = {id(m.weight) for m in self.modules() if isinstance(m, nn.LayerNorm | RMSNorm)}
         for name, param in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(param)
-            elif "ln" in name:
+            elif id(param) in gains:
                 nn.init.ones_(param)
             elif self.config.init == "xavier":
                 nn.init.xavier_uniform_(param)
@@ -330,4 +428,12 @@ class Transformer(nn.Module):
             x = block(x, self.rope, bias, cache)
         if cache is not None:
             cache.length += T
-        return self.head(self.ln_f(x))
+        return self.cap_logits(self.head(self.ln_f(x)))
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """With `logit_softcap` c, c * tanh(logits / c) in float32 (Gemma 2): no logit grows past c; else logits."""
+        cap = self.config.logit_softcap
+        if cap is None:
+            return logits
+        wide = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # bf16 under autocast
+        return torch.tanh(wide / cap) * cap

@@ -104,9 +104,12 @@ class StepTimer(L.Callback):
         self.peak_rss = max(self.peak_rss, rss_bytes())
 
 
-def lightning_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path, compile: bool) -> dict:
+def lightning_training(
+    preset: str, precision: str, steps: int, warmup: int, corpus: Path, compile: bool, overrides: tuple = ()
+) -> dict:
     """Our training step as `python scripts/train.py` runs it, through the package's run path (`lm.train.train`):
-    AdamW, clipping, compiled as model.compile=true; no validation, checkpoints, loggers or other callbacks."""
+    AdamW, clipping, compiled as model.compile=true; no validation, checkpoints, loggers or other callbacks.
+    `overrides`: more Hydra overrides (the techniques part's model options)."""
     seq_length, batch_size = SHAPES[preset]
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -128,6 +131,7 @@ def lightning_training(preset: str, precision: str, steps: int, warmup: int, cor
                 "~logger",
                 "seed=0",
                 f"paths.run_dir={run_dir}",
+                *overrides,
             ]
         )
         train(cfg, callbacks=[timer])
@@ -297,6 +301,55 @@ def bench_reference(presets, precisions, steps, warmup, corpus, training_rows, c
             row[f"speedup_vs_{key}"] = ms / best["ms_per_step"]
             print(f"  nanoGPT {preset} {precision}: {ms:.0f} ms/step", file=sys.stderr, flush=True)
         rows.append(row)
+    return rows
+
+
+# The techniques part: each model option of lm/model.py alone, and the modern recipe's block with all of them
+TECHNIQUES = {
+    "default (GPT-2 block)": (),
+    "norm=rmsnorm": ("model.norm=rmsnorm",),
+    "norm_position=post": ("model.norm_position=post",),
+    "mlp=relu": ("model.mlp=relu",),
+    "mlp=relu2": ("model.mlp=relu2",),
+    "mlp=swiglu": ("model.mlp=swiglu",),
+    "qk_norm=true": ("model.qk_norm=true",),
+    "tie_embeddings=false": ("model.tie_embeddings=false",),
+    "logit_softcap=30": ("model.logit_softcap=30",),
+    "all: rmsnorm, relu2, qk_norm, untied, softcap": (
+        "model.norm=rmsnorm",
+        "model.mlp=relu2",
+        "model.qk_norm=true",
+        "model.tie_embeddings=false",
+        "model.logit_softcap=30",
+    ),
+}
+
+
+def bench_techniques(presets, precisions, steps, warmup, corpus, compile: bool, repeats: int = 2) -> list[dict]:
+    """Our Lightning step with each model option of TECHNIQUES, against the default block's at the same size,
+    precision and batch (RoPE, the default encoding). Each configuration runs `repeats` times, alternating, and keeps
+    its fastest median: a CPU's speed drifts over minutes, and a single pass would charge the drift to one option."""
+    rows = []
+    for preset in presets:
+        for precision in precisions:
+            times = {name: [] for name in TECHNIQUES}
+            for _ in range(repeats):
+                for name, overrides in TECHNIQUES.items():
+                    run = in_child(lightning_training, preset, precision, steps, warmup, corpus, compile, overrides)
+                    times[name].append(run["step_s"])
+            default = min(times["default (GPT-2 block)"])
+            for name in TECHNIQUES:
+                step = min(times[name])
+                rows.append(
+                    {
+                        "preset": preset,
+                        "precision": precision,
+                        "technique": name,
+                        "ms_per_step": 1000 * step,
+                        "vs_default": step / default,
+                    }
+                )
+                print(f"  techniques {preset} {precision} {name}: {1000 * step:.1f} ms", file=sys.stderr, flush=True)
     return rows
 
 

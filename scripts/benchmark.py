@@ -7,6 +7,7 @@ against nanoGPT's recipe, generation speed, corpus preparation.
     python scripts/benchmark.py --only generate --presets mini,small,base
     python scripts/benchmark.py --only run     # our default run vs nanoGPT's recipe, to the best (~6 min on a CPU)
     python scripts/benchmark.py --only quality                   # our default vs nanoGPT's CPU recipe, ~15 minutes
+    python scripts/benchmark.py --only techniques --presets mini  # each model option's step against the default's
 
 Prints Markdown tables and writes them as JSON (--out). Numbers are comparable within one run on one machine only.
 """
@@ -31,17 +32,26 @@ from _benchmark_tables import (
     TRAINING_COLUMNS,
     print_table,
 )
-from _benchmark_training import SHAPES, bench_corpus, bench_reference, bench_training, synthetic_corpus
+from _benchmark_training import (
+    SHAPES,
+    bench_corpus,
+    bench_reference,
+    bench_techniques,
+    bench_training,
+    synthetic_corpus,
+)
 
 from lm.config import PROJECT_ROOT
 from lm.hardware import bf16_supported, measure_matmul_peak
 
 # ours on CUDA only (model.compile=auto), nanoGPT on a GPU (its compile=True; its CPU recipe turns it off).
 DEFAULTS = {
-    "cpu": dict(presets="tiny,mini,small,base", only="peak,train,plain,reference,generate,corpus", steps=5, warmup=2),
-    "cuda": dict(presets="base", only="peak,train,reference,run,generate", steps=50, warmup=10),
+    "cpu": dict(
+        presets="tiny,mini,small,base", only="peak,train,plain,reference,techniques,generate,corpus", steps=5, warmup=2
+    ),
+    "cuda": dict(presets="base", only="peak,train,reference,techniques,run,generate", steps=50, warmup=10),
 }
-PARTS = ("peak", "train", "plain", "reference", "run", "generate", "corpus", "quality")
+PARTS = ("peak", "train", "plain", "reference", "techniques", "run", "generate", "corpus", "quality")
 
 
 def parse_args(device: str) -> argparse.Namespace:
@@ -69,6 +79,15 @@ def parse_args(device: str) -> argparse.Namespace:
         f"minutes on a slow CPU) runs only when named; default here: {defaults['only']}",
     )
     parser.add_argument("--skip", default="", help="parts to leave out")
+    parser.add_argument(
+        "--technique-presets",
+        default="base" if device == "cuda" else "mini",
+        help="techniques: the sizes to time each model option at (default: the default run's size here)",
+    )
+    parser.add_argument("--technique-steps", type=int, default=20, help="techniques: timed steps per configuration")
+    parser.add_argument(
+        "--technique-repeats", type=int, default=2, help="techniques: passes over the options (each keeps its fastest)"
+    )
     parser.add_argument("--run-corpus", type=Path, help="run: the corpus of both runs (default Tiny Shakespeare)")
     parser.add_argument("--train-args", default="", help='run: overrides for our run, e.g. "trainer.max_steps=1000"')
     parser.add_argument(
@@ -150,6 +169,25 @@ def training_parts(args, precisions: list[str], compile: bool, device: str, repo
             print_table(title, rows, REFERENCE_COLUMNS)
 
 
+def techniques_part(args, precisions: list[str], compile: bool, report: dict) -> None:
+    """techniques: each model option's training step against the default block's, same size and batch."""
+    presets = [p for p in args.technique_presets.split(",") if p]
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        synthetic_corpus(corpus, 2 * 2**20)
+        steps, repeats = args.technique_steps, args.technique_repeats
+        rows = bench_techniques(presets, precisions, steps, args.warmup, corpus, compile, repeats)
+    report["techniques"] = rows
+    info = report["machine"]
+    title = f"Each model option's training step against the default block's ({info['cpu']}, {info['device']})"
+    columns = {"preset": "size", "precision": "precision", "technique": "model option", "ms_per_step": "ms/step"}
+    print_table(title, rows, {**columns, "vs_default": "x default"})
+    single = [r for r in rows if not r["technique"].startswith(("default", "all"))]  # one option each
+    worst = max(single, key=lambda r: r["vs_default"])
+    where = f"{worst['preset']}, {worst['precision']}"
+    print(f"Slowest single option: {worst['technique']} ({where}), {worst['vs_default']:.2f}x the default.\n")
+
+
 def run_part(args, report: dict) -> None:
     """run: our default run against nanoGPT's recipe, each a fresh process, to its best validation loss."""
     print("  run: ours, then nanoGPT's recipe", file=sys.stderr, flush=True)
@@ -194,6 +232,8 @@ def main() -> None:
     precisions = training_precisions(args.precisions, device)
     if "peak" in args.parts or "train" in args.parts:
         training_parts(args, precisions, compile, device, report)
+    if "techniques" in args.parts:
+        techniques_part(args, precisions, compile, report)
     if "run" in args.parts:
         run_part(args, report)
     if "generate" in args.parts:

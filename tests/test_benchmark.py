@@ -28,7 +28,7 @@ def run_benchmark(*args: str) -> subprocess.CompletedProcess:
 def test_benchmark_runs_with_the_tiny_preset(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--presets", "tiny", "--steps", "2", "--warmup", "1", "--generate-chars", "20", "--corpus-mb", "1"]
-    result = run_benchmark(*tiny, "--out", str(out))
+    result = run_benchmark(*tiny, "--skip", "techniques", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     # bf16 only where the CPU has it natively (emulated, it is ~100x slower than fp32)
@@ -55,6 +55,19 @@ def test_benchmark_runs_with_the_tiny_preset(tmp_path):
     assert 0 < low <= generation["streams_speedup"] <= high
     assert report["corpus"]["prepare_s"] > 0
     assert "| tiny |" in result.stdout
+
+
+def test_the_techniques_part_times_every_model_option_against_the_default(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--only", "techniques", "--technique-presets", "tiny", "--precisions", "32-true", "--technique-steps", "2"]
+    result = run_benchmark(*args, "--technique-repeats", "1", "--warmup", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["techniques"]
+    names = [row["technique"] for row in rows]
+    options = ["norm=rmsnorm", "norm_position=post", "mlp=relu", "mlp=relu2", "mlp=swiglu", "qk_norm=true"]
+    assert names[0].startswith("default") and set(options + ["tie_embeddings=false", "logit_softcap=30"]) < set(names)
+    assert rows[0]["vs_default"] == 1.0 and all(row["ms_per_step"] > 0 for row in rows)
+    assert "model option" in result.stdout and "Slowest single option:" in result.stdout
 
 
 def test_nanogpt_reference_recipe_trains(tmp_path):
