@@ -151,11 +151,11 @@ def machine_recipes() -> dict[str, dict[str, str]]:
 
 def recipe_for_this_machine(argv: list[str]) -> list[str]:
     """Adds the recipe that suits this machine (conf/recipes.yaml) to a command that picks no model size (no
-    model=, experiment=, debug= or hparams_search=): the cuda one on a CUDA GPU, the cpu one on a CPU, none on
+    model=, experiment=, variant=, debug= or hparams_search=): the cuda one on a CUDA GPU, the cpu one on a CPU, none on
     other accelerators. A value of your own for the same key wins, and an optimizer= of your own keeps that
     optimizer's lr."""
     given = dict(a.lstrip("+~").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
-    if given.keys() & {"model", "experiment", "debug", "hparams_search"}:
+    if given.keys() & {"model", "experiment", "variant", "debug", "hparams_search"}:
         return argv
     chosen = machine_recipes().get(training_device_type(given.get("trainer.accelerator", "auto")))
     if chosen is None:

@@ -167,7 +167,8 @@ def run_hparams(cfg: DictConfig, **resolved) -> dict:
     hparams: dict = {}
     if HydraConfig.initialized():
         choices = HydraConfig.get().runtime.choices
-        hparams.update({g: choices.get(g) for g in ("model", "optimizer", "experiment") if g in choices})
+        groups = ("model", "optimizer", "experiment", "variant")
+        hparams.update({g: choices.get(g) for g in groups if g in choices and (g != "variant" or choices.get(g))})
     container = OmegaConf.to_container(cfg, resolve=True)
     hparams["model"] = {**{"size": hparams.pop("model", None)}, **container["model"]}
     hparams["optimizer"] = {

@@ -125,3 +125,31 @@ def test_the_benchmark_on_cuda_compiles_both_projects_and_samples_through_the_ca
     assert reference["compiled"] and reference["nanogpt_bf16_ms"] > 0
     (generation,) = report["generation"]
     assert generation["streams_compiled"] and generation["chars_per_s_8_streams"] > 0
+
+
+MODERN = dict(norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, logit_softcap=30.0)
+
+
+@pytest.mark.parametrize("options", [MODERN, dict(norm_position="post", mlp="swiglu")], ids=["modern", "post_swiglu"])
+@pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
+def test_the_blocks_techniques_on_cuda_give_the_cpus_logits_and_gradients_eager_and_compiled(pe, options):
+    # on CUDA the options run as PyTorch composites (compiled: fused by Inductor); on a CPU as lm/fused.py's passes
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        vocab_size=40, seq_length=64, n_layer=2, n_head=4, n_embd=64, pos_encoding={"name": pe}, **options
+    )
+    model = Transformer(config)
+    idx = torch.randint(0, 40, (3, 64), generator=torch.Generator().manual_seed(1))
+    cpu_logits = model(idx)
+    cpu_logits.square().mean().backward()
+    cpu_grad = model.blocks[0].mlp.fc.weight.grad.clone()
+    model = model.cuda()
+    for forward in (model, torch.compile(model)):
+        model.zero_grad()
+        logits = forward(idx.cuda())
+        logits.square().mean().backward()
+        assert torch.allclose(logits.cpu(), cpu_logits, atol=1e-3)
+        assert torch.allclose(model.blocks[0].mlp.fc.weight.grad.cpu(), cpu_grad, rtol=1e-2, atol=1e-5)
+    tok = CharTokenizer("".join(chr(ord("a") + i) for i in range(26)) + " .,;:!?'-ABCDEFGHIJKLM"[:14])
+    kwargs = dict(prompt="abc", max_new_tokens=30, temperature=0)
+    assert generate(model.eval(), tok, exact=True, **kwargs) == generate(model, tok, kv_cache=False, **kwargs)
