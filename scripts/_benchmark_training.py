@@ -4,6 +4,7 @@ fresh process (`in_child`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import queue as queue_module
@@ -306,50 +307,94 @@ def bench_reference(presets, precisions, steps, warmup, corpus, training_rows, c
 
 # The techniques part: each model option of lm/model.py alone, and the modern recipe's block with all of them
 TECHNIQUES = {
-    "default (GPT-2 block)": (),
-    "norm=rmsnorm": ("model.norm=rmsnorm",),
-    "norm_position=post": ("model.norm_position=post",),
-    "mlp=relu": ("model.mlp=relu",),
-    "mlp=relu2": ("model.mlp=relu2",),
-    "mlp=swiglu": ("model.mlp=swiglu",),
-    "qk_norm=true": ("model.qk_norm=true",),
-    "tie_embeddings=false": ("model.tie_embeddings=false",),
-    "logit_softcap=30": ("model.logit_softcap=30",),
-    "all: rmsnorm, relu2, qk_norm, untied, softcap": (
-        "model.norm=rmsnorm",
-        "model.mlp=relu2",
-        "model.qk_norm=true",
-        "model.tie_embeddings=false",
-        "model.logit_softcap=30",
-    ),
+    "default (GPT-2 block)": {},
+    "norm=rmsnorm": {"norm": "rmsnorm"},
+    "norm_position=post": {"norm_position": "post"},
+    "mlp=relu": {"mlp": "relu"},
+    "mlp=relu2": {"mlp": "relu2"},
+    "mlp=swiglu": {"mlp": "swiglu"},
+    "qk_norm=true": {"qk_norm": True},
+    "tie_embeddings=false": {"tie_embeddings": False},
+    "logit_softcap=30": {"logit_softcap": 30.0},
+    "all: rmsnorm, relu2, qk_norm, untied, softcap": {
+        "norm": "rmsnorm",
+        "mlp": "relu2",
+        "qk_norm": True,
+        "tie_embeddings": False,
+        "logit_softcap": 30.0,
+    },
 }
 
 
-def bench_techniques(presets, precisions, steps, warmup, corpus, compile: bool, repeats: int = 2) -> list[dict]:
-    """Our Lightning step with each model option of TECHNIQUES, against the default block's at the same size,
-    precision and batch (RoPE, the default encoding). Each configuration runs `repeats` times, alternating, and keeps
-    its fastest median: a CPU's speed drifts over minutes, and a single pass would charge the drift to one option."""
+def interleaved_techniques(preset: str, precision: str, rounds: int, warmup: int, corpus: Path, compile: bool) -> dict:
+    """Every model option of TECHNIQUES in one process, one training step each in turn (the plain loop's step:
+    AdamW, clipping, schedule), for `warmup` untimed rounds and then `rounds` timed ones. Each option's cost is the
+    median over rounds of its step time over the default's in the same round: a CPU's speed drifts by 20-30% over
+    seconds to minutes, which separate runs (even alternated) charged to whichever option ran then. The order
+    rotates every round so that no option always follows the same one."""
+    seq_length, batch_size = SHAPES[preset]
+    datamodule = CharDataModule(path=str(corpus), seq_length=seq_length, batch_size=batch_size)
+    batches = datamodule.train_dataloader().dataset
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = preset_config(preset, datamodule.tokenizer.vocab_size)
+    steps = {}
+    for name, options in TECHNIQUES.items():
+        torch.manual_seed(0)
+        model = Transformer(dataclasses.replace(base, **options)).to(device)
+        optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-3, weight_decay=0.1, fused=True)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, 100, 5000, 0.1))
+        if compile:
+            model.compile()
+        steps[name] = (model, optimizer, schedule)
+
+    def step(name: str, i: int) -> float:
+        model, optimizer, schedule = steps[name]
+        x, y = (t.to(device) for t in batches.batch(i))
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # waits for a GPU
+        return time.perf_counter() - start
+
+    names = list(TECHNIQUES)
+    times = {name: [] for name in names}
+    for i in range(warmup + rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = step(name, i)
+            if i >= warmup:
+                times[name].append(elapsed)
+    default = np.array(times[names[0]])
+    return {
+        name: {"step_s": float(np.median(times[name])), "vs_default": float(np.median(np.array(times[name]) / default))}
+        for name in names
+    }
+
+
+def bench_techniques(presets, precisions, rounds, warmup, corpus, compile: bool) -> list[dict]:
+    """Each model option's training step against the default block's at the same size, precision and batch (RoPE,
+    the default encoding): `interleaved_techniques`, a fresh process per size and precision."""
     rows = []
     for preset in presets:
         for precision in precisions:
-            times = {name: [] for name in TECHNIQUES}
-            for _ in range(repeats):
-                for name, overrides in TECHNIQUES.items():
-                    run = in_child(lightning_training, preset, precision, steps, warmup, corpus, compile, overrides)
-                    times[name].append(run["step_s"])
-            default = min(times["default (GPT-2 block)"])
-            for name in TECHNIQUES:
-                step = min(times[name])
+            result = in_child(interleaved_techniques, preset, precision, rounds, warmup, corpus, compile)
+            for name, timing in result.items():
                 rows.append(
                     {
                         "preset": preset,
                         "precision": precision,
                         "technique": name,
-                        "ms_per_step": 1000 * step,
-                        "vs_default": step / default,
+                        "ms_per_step": 1000 * timing["step_s"],
+                        "vs_default": timing["vs_default"],
                     }
                 )
-                print(f"  techniques {preset} {precision} {name}: {1000 * step:.1f} ms", file=sys.stderr, flush=True)
+                print(f"  techniques {preset} {precision} {name}: {1000 * timing['step_s']:.1f} ms", file=sys.stderr)
     return rows
 
 

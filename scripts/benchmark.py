@@ -7,7 +7,7 @@ against nanoGPT's recipe, generation speed, corpus preparation.
     python scripts/benchmark.py --only generate --presets mini,small,base
     python scripts/benchmark.py --only run     # our default run vs nanoGPT's recipe, to the best (~6 min on a CPU)
     python scripts/benchmark.py --only quality                   # our default vs nanoGPT's CPU recipe, ~15 minutes
-    python scripts/benchmark.py --only techniques --presets mini  # each model option's step against the default's
+    python scripts/benchmark.py --only techniques     # each model option's step against the default's, ~1 min
 
 Prints Markdown tables and writes them as JSON (--out). Numbers are comparable within one run on one machine only.
 """
@@ -84,9 +84,8 @@ def parse_args(device: str) -> argparse.Namespace:
         default="base" if device == "cuda" else "mini",
         help="techniques: the sizes to time each model option at (default: the default run's size here)",
     )
-    parser.add_argument("--technique-steps", type=int, default=20, help="techniques: timed steps per configuration")
     parser.add_argument(
-        "--technique-repeats", type=int, default=2, help="techniques: passes over the options (each keeps its fastest)"
+        "--technique-rounds", type=int, default=60, help="techniques: timed rounds (one step of every option each)"
     )
     parser.add_argument("--run-corpus", type=Path, help="run: the corpus of both runs (default Tiny Shakespeare)")
     parser.add_argument("--train-args", default="", help='run: overrides for our run, e.g. "trainer.max_steps=1000"')
@@ -175,8 +174,7 @@ def techniques_part(args, precisions: list[str], compile: bool, report: dict) ->
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         synthetic_corpus(corpus, 2 * 2**20)
-        steps, repeats = args.technique_steps, args.technique_repeats
-        rows = bench_techniques(presets, precisions, steps, args.warmup, corpus, compile, repeats)
+        rows = bench_techniques(presets, precisions, args.technique_rounds, args.warmup, corpus, compile)
     report["techniques"] = rows
     info = report["machine"]
     title = f"Each model option's training step against the default block's ({info['cpu']}, {info['device']})"

@@ -59,8 +59,8 @@ def test_benchmark_runs_with_the_tiny_preset(tmp_path):
 
 def test_the_techniques_part_times_every_model_option_against_the_default(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--only", "techniques", "--technique-presets", "tiny", "--precisions", "32-true", "--technique-steps", "2"]
-    result = run_benchmark(*args, "--technique-repeats", "1", "--warmup", "1", "--out", str(out))
+    args = ["--only", "techniques", "--technique-presets", "tiny", "--precisions", "32-true", "--technique-rounds", "3"]
+    result = run_benchmark(*args, "--warmup", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["techniques"]
     names = [row["technique"] for row in rows]
