@@ -102,6 +102,31 @@ def test_rotary_heads_matches_rope_and_reshape_values_and_gradients():
     assert torch.allclose(got_grad, expected_grad, atol=1e-12)
 
 
+def test_rotary_heads_in_bf16_rounds_the_exact_rotation_once():
+    # bf16 rotations run in fp32 and round once: each output within half a bf16 step of the exact value
+    torch.manual_seed(0)
+    B, T, H, D = 2, 40, 3, 32
+    rope = RotaryEmbedding(D, initial_length=T)
+    qkv = torch.randn(B, T, 3, H, D).bfloat16()
+    grads = [torch.randn(B * H, T, D).bfloat16() for _ in range(3)]
+    cos, sin = rope.tables(0, T)
+    exact = RotaryHeads.apply(qkv.double(), cos.double(), sin.double())
+    exact_grad = RotaryHeads.backward(_Context(cos.double(), sin.double(), qkv.shape), *(g.double() for g in grads))[0]
+    got = RotaryHeads.apply(qkv, cos, sin)
+    got_grad = RotaryHeads.backward(_Context(cos, sin, qkv.shape), *grads)[0]
+    for a, b in [*zip(got, exact, strict=True), (got_grad, exact_grad)]:
+        assert a.dtype == torch.bfloat16
+        half_step = torch.ldexp(torch.ones_like(b), torch.frexp(b).exponent - 9)  # bf16 keeps 8 significant bits
+        assert ((a.double() - b).abs() <= half_step + 1e-6).all()  # + fp32 rounding where terms cancel
+
+
+class _Context:
+    """What RotaryHeads.backward reads from its autograd context, without QK-norm."""
+
+    def __init__(self, cos, sin, shape):
+        self.saved_tensors, self.normalized, self.shape = (cos, sin), False, shape
+
+
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
 def test_cpu_kernels_give_the_model_the_same_logits_and_gradients_as_plain_pytorch(pe, monkeypatch):
     import lm.model
