@@ -1,7 +1,7 @@
 """Measure this machine: matmul peak, training throughput (Lightning vs a plain loop, ours vs nanoGPT's), whole runs
 against nanoGPT's recipe, generation speed, corpus preparation.
 
-    python scripts/benchmark.py                                  # on 2 CPU cores about 10 minutes; on a GPU, its
+    python scripts/benchmark.py                                  # on 2 CPU cores 10-17 minutes; on a GPU, its
                                                                  # own set (base, compiled, whole runs), for 5 min
     python scripts/benchmark.py --presets tiny,small --steps 3 --skip corpus   # about a minute
     python scripts/benchmark.py --only generate --presets mini,small,base
