@@ -102,8 +102,8 @@ class RotaryHeads(torch.autograd.Function):
 def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """out = RoPE(x) for x, out of shape (B, T, H, D) with any strides; cos, sin: (T, D)."""
     if x.dtype in (torch.bfloat16, torch.float16):
-        # PyTorch's CPU loops over bf16 half-rows (D/2 elements, strided) are 3-4x slower than widening to fp32,
-        # rotating there and rounding once (docs/speed.md)
+        # PyTorch's CPU loops over strided bf16 half-rows are far slower than widening to fp32, rotating there and
+        # rounding once, which is also more exact (docs/speed.md)
         wide = torch.empty_like(out, dtype=torch.float32)
         rotate(x.float(), wide, cos, sin)
         out.copy_(wide)

@@ -105,12 +105,9 @@ class StepTimer(L.Callback):
         self.peak_rss = max(self.peak_rss, rss_bytes())
 
 
-def lightning_training(
-    preset: str, precision: str, steps: int, warmup: int, corpus: Path, compile: bool, overrides: tuple = ()
-) -> dict:
+def lightning_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path, compile: bool) -> dict:
     """Our training step as `python scripts/train.py` runs it, through the package's run path (`lm.train.train`):
-    AdamW, clipping, compiled as model.compile=true; no validation, checkpoints, loggers or other callbacks.
-    `overrides`: more Hydra overrides (the techniques part's model options)."""
+    AdamW, clipping, compiled as model.compile=true; no validation, checkpoints, loggers or other callbacks."""
     seq_length, batch_size = SHAPES[preset]
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -132,7 +129,6 @@ def lightning_training(
                 "~logger",
                 "seed=0",
                 f"paths.run_dir={run_dir}",
-                *overrides,
             ]
         )
         train(cfg, callbacks=[timer])
@@ -145,21 +141,15 @@ def lightning_training(
     }
 
 
-def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path, compile: bool) -> dict:
-    """The same model, batches, optimizer, clipping and schedule in a hand-written loop."""
-    seq_length, batch_size = SHAPES[preset]
-    torch.manual_seed(0)
-    datamodule = CharDataModule(path=str(corpus), seq_length=seq_length, batch_size=batch_size)
-    batches = datamodule.train_dataloader().dataset
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Transformer(preset_config(preset, datamodule.tokenizer.vocab_size)).to(device)
+def plain_step(model: Transformer, precision: str, device: str, compile: bool):
+    """The plain loop's training step for `model`: AdamW, clipping at 1.0 and the cosine schedule, as our run path
+    sets them up; returns step(x, y), which ends by reading the loss (on a GPU, waiting for the step)."""
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-3, weight_decay=0.1, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, 100, 5000, 0.1))
     if compile:
         model.compile()
 
-    def step(i: int) -> None:
-        x, y = (t.to(device) for t in batches.batch(i))
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             logits = model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -169,6 +159,22 @@ def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
+
+    return step
+
+
+def plain_training(preset: str, precision: str, steps: int, warmup: int, corpus: Path, compile: bool) -> dict:
+    """The same model, batches, optimizer, clipping and schedule in a hand-written loop."""
+    seq_length, batch_size = SHAPES[preset]
+    torch.manual_seed(0)
+    datamodule = CharDataModule(path=str(corpus), seq_length=seq_length, batch_size=batch_size)
+    batches = datamodule.train_dataloader().dataset
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Transformer(preset_config(preset, datamodule.tokenizer.vocab_size)).to(device)
+    train_step = plain_step(model, precision, device, compile)
+
+    def step(i: int) -> None:
+        train_step(*(t.to(device) for t in batches.batch(i)))
 
     return {"step_s": median_step_time(step, warmup, steps)}
 
@@ -341,25 +347,12 @@ def interleaved_techniques(preset: str, precision: str, rounds: int, warmup: int
     for name, options in TECHNIQUES.items():
         torch.manual_seed(0)
         model = Transformer(dataclasses.replace(base, **options)).to(device)
-        optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-3, weight_decay=0.1, fused=True)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, 100, 5000, 0.1))
-        if compile:
-            model.compile()
-        steps[name] = (model, optimizer, schedule)
+        steps[name] = plain_step(model, precision, device, compile)
 
     def step(name: str, i: int) -> float:
-        model, optimizer, schedule = steps[name]
         x, y = (t.to(device) for t in batches.batch(i))
         start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # waits for a GPU
+        steps[name](x, y)
         return time.perf_counter() - start
 
     names = list(TECHNIQUES)
