@@ -101,6 +101,17 @@ def _model_settings(config: dict) -> dict[str, object]:
     return settings
 
 
+def as_override(key: str, value) -> str:
+    """`key=value` as a Hydra command line takes it: true/false and null, not Python's True and None."""
+    if isinstance(value, bool):
+        shown = str(value).lower()
+    elif value is None:
+        shown = "null"
+    else:
+        shown = str(value)
+    return f"{key}={shown}"
+
+
 def _show_characters(chars: str) -> str:
     return repr("".join(sorted(chars)))
 
@@ -121,8 +132,9 @@ def check_resumable(
     theirs = _model_settings(TransformerConfig(**meta["model_config"]).to_dict())
     ours = _model_settings(config.to_dict())
     if differ := [key for key in ours if theirs.get(key) != ours[key]]:
-        was = " ".join(f"{key}={theirs.get(key)}" for key in differ)
-        asked = " ".join(f"{key}={ours[key]}" for key in differ)
+        # only the checkpoint's own keys: its pos_encoding= choice brings that encoding's settings (and no others)
+        was = " ".join(as_override(key, theirs[key]) for key in differ if key in theirs)
+        asked = " ".join(as_override(key, ours[key]) for key in differ)
         raise CheckpointError(
             f"{option}: the checkpoint's model has {was}, but this run asks for {asked}; pass {was} (or the model= "
             "it was trained with), or start a new run without it."

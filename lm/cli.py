@@ -2,7 +2,8 @@
 
 `command_line(script, argv)` is all a script calls. Three things need a word with Hydra before it composes:
 `resume=<run dir>` brings that run's own overrides and directory, a training command that picks no model size
-gets its machine's recipe (conf/recipes.yaml), and generate.py's `prompt=` is quoted so it works as typed.
+gets its machine's recipe (conf/recipes.yaml), generate.py's `prompt=` is quoted so it works as typed, and a model
+setting given to generate.py or evaluate.py is refused in one line.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def command_line(script: str, argv: list[str]) -> list[str]:
     """`argv` as Hydra should parse it for `script` (train, generate, evaluate or compare); `argv[0]` is kept.
 
     For train: `resume=` and the machine's recipe (see the module's docstring), and the keys a multirun sets to one
-    value for all its jobs are recorded, so the jobs' directory names leave them out. For generate: the prompt is
-    quoted. Other scripts' arguments pass unchanged.
+    value for all its jobs are recorded, so the jobs' directory names leave them out. For generate and evaluate: a
+    model setting is refused (the checkpoint fixes the model), and generate's prompt is quoted.
     """
     if script == "train":
         refuse_a_used_directory(argv)
@@ -39,9 +40,34 @@ def command_line(script: str, argv: list[str]) -> list[str]:
         # the recipe's items come after what the command said in run directory names (lm.config.short_name)
         os.environ[RECIPE_KEYS] = ",".join(override_key(a) for a in argv if a not in typed)
         note_sweep_constants(argv[1:])
-    elif script == "generate":
-        argv = quote_prompt_argument(argv)
+    else:
+        refuse_model_settings(script, argv)
+        if script == "generate":
+            argv = quote_prompt_argument(argv)
     return argv
+
+
+# the training config groups that shape a model: a checkpoint fixes them, so generate.py and evaluate.py take none
+MODEL_GROUPS = ("model", "pos_encoding", "variant")
+
+
+def refuse_model_settings(script: str, argv: list[str]) -> None:
+    """Exits with one line when generate.py or evaluate.py is given a model setting (`model.mlp=relu`,
+    `pos_encoding=rope`, `+model.mlp=relu`): Hydra would print a multi-line struct error, or with `+` take the key
+    and ignore it."""
+    if script not in ("generate", "evaluate"):
+        return
+    for arg in argv[1:]:
+        if arg.startswith("-") and not arg.startswith("~"):
+            continue
+        if override_key(arg).split(".", 1)[0] in MODEL_GROUPS:
+            print(
+                f"error: {arg}: the model's settings come from its checkpoint, so {script}.py cannot change them; "
+                "set them when training (scripts/train.py), or fine-tune a new run from the checkpoint with "
+                "scripts/train.py ckpt_path=<checkpoint> and the settings it takes.",
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
 
 def override_key(override: str) -> str:

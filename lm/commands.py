@@ -18,7 +18,7 @@ from lm.corpus import ENCODINGS, encode_corpus
 from lm.data import split_bounds
 from lm.errors import ConfigError, DataError, is_count, is_number
 from lm.evaluate import evaluate, results_table, write_eval_report
-from lm.generate import check_sampling_args, default_prompt, generate
+from lm.generate import check_sampling_args, check_switches, default_prompt, generate
 from lm.hardware import bf16_supported, resolve_device
 from lm.past_context import past_context_losses, past_context_table
 from lm.report import write_sweep_report
@@ -30,6 +30,7 @@ PAST_CONTEXT_STREAMS = 8  # stretches of the split read side by side for past_co
 def generate_text(cfg: DictConfig) -> None:
     """generate.py: samples text from `cfg.ckpt` and streams it to stdout (diagnostics to stderr)."""
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed, cfg.num_samples)
+    check_switches(kv_cache=cfg.kv_cache, compile=cfg.compile, exact=cfg.exact)
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(find_checkpoint(cfg.ckpt), device=device)  # the command line's error wording
     print(
@@ -119,7 +120,12 @@ def evaluation_text(cfg: DictConfig, data_info: dict, tokenizer: CharTokenizer, 
         source = Path(cfg.data.path).expanduser()
         if not source.is_file():
             raise DataError(f"The evaluation file {source} does not exist; pass data.path= a text file.")
-        ids = tokenizer.encode(source.read_text(encoding=ENCODINGS[data_info.get("encoding", "utf-8")]))
+        # as training read its corpus: newline="" keeps \r\n, which the model saw as \n unless it kept them
+        with open(source, encoding=ENCODINGS[data_info.get("encoding", "utf-8")], newline="") as file:
+            text = file.read()
+        if data_info.get("newlines", "keep") == "normalize":
+            text = text.replace("\r\n", "\n")
+        ids = tokenizer.encode(text)
         split = f"all of {source}"
     else:
         corpus_path = data_info.get("path")
@@ -128,7 +134,9 @@ def evaluation_text(cfg: DictConfig, data_info: dict, tokenizer: CharTokenizer, 
         if not Path(corpus_path).is_file():
             raise DataError(f"The training corpus {corpus_path} is not there any more; pass data.path= a text file.")
         encoding = data_info.get("encoding", "utf-8")
-        corpus = encode_corpus(corpus_path, PROJECT_ROOT / "data" / "cache", encoding=encoding)
+        # a checkpoint from before data.newlines existed read \r\n as two characters
+        newlines = data_info.get("newlines", "keep")
+        corpus = encode_corpus(corpus_path, PROJECT_ROOT / "data" / "cache", encoding=encoding, newlines=newlines)
         if corpus.tokenizer.vocab != tokenizer.vocab:
             raise DataError(f"{corpus_path} has changed since training (its vocabulary differs); pass data.path=.")
         split_sizes = data_info.get("split_sizes")

@@ -80,10 +80,17 @@ class EncodedCorpus:
     sha256: str
 
 
-def _decoded_chunks(path: Path, errors: str, encoding: str = "utf-8") -> Iterator[tuple[str, bytes]]:
-    """Yields (text, raw bytes) chunk by chunk; invalid UTF-8 under errors='strict' names its byte offset."""
+NEWLINES = ("normalize", "keep")  # normalize: Windows line ends (\r\n) read as \n; keep: \r stays a character
+
+
+def _decoded_chunks(
+    path: Path, errors: str, encoding: str = "utf-8", newlines: str = "keep"
+) -> Iterator[tuple[str, bytes]]:
+    """Yields (text, raw bytes) chunk by chunk; invalid UTF-8 under errors='strict' names its byte offset. With
+    newlines='normalize', each \r\n becomes \n (a lone \r stays), across chunk boundaries too."""
     decoder = codecs.getincrementaldecoder(ENCODINGS[encoding])(errors=errors)
     offset = 0
+    held = ""  # a chunk's last \r, held until the next chunk shows whether a \n follows it
     with open(path, "rb") as f:
         while True:
             raw = f.read(CHUNK_BYTES)
@@ -97,17 +104,22 @@ def _decoded_chunks(path: Path, errors: str, encoding: str = "utf-8") -> Iterato
                     "data.decode_errors=replace to replace undecodable bytes."
                 ) from None
             offset += len(raw)
+            if newlines == "normalize":
+                text, held = held + text, ""
+                if raw and text.endswith("\r"):
+                    text, held = text[:-1], "\r"
+                text = text.replace("\r\n", "\n")
             yield text, raw
             if not raw:
                 return
 
 
-def _scan_vocabulary(path: Path, errors: str, encoding: str) -> tuple[str, str]:
+def _scan_vocabulary(path: Path, errors: str, encoding: str, newlines: str) -> tuple[str, str]:
     """One pass over the file: its sorted unique characters and its sha256."""
     digest = hashlib.sha256()
     seen = np.zeros(65536, dtype=bool)
     beyond_bmp: set[int] = set()
-    for text, raw in _decoded_chunks(path, errors, encoding):
+    for text, raw in _decoded_chunks(path, errors, encoding, newlines):
         digest.update(raw)
         codepoints = text_to_codepoints(text)
         # bincount is linear time; a sort-based unique over hundreds of millions of characters is not
@@ -124,11 +136,19 @@ def cache_dir_for(corpus: Path, fallback: Path) -> Path:
 
 
 def encode_corpus(
-    path: str | Path, cache_dir: str | Path | None = None, decode_errors: str = "strict", encoding: str = "utf-8"
+    path: str | Path,
+    cache_dir: str | Path | None = None,
+    decode_errors: str = "strict",
+    encoding: str = "utf-8",
+    newlines: str = "normalize",
+    min_characters: int = 1,
 ) -> EncodedCorpus:
     """Encodes a text file to ids once, caches them, and memory-maps the cache.
 
     `encoding` is 'utf-8' (characters) or 'bytes' (each byte one symbol, as enwik8 is read in the literature).
+    `newlines` 'normalize' reads Windows line ends (\r\n) as \n, 'keep' keeps \r as a character of its own. A
+    file of fewer than `min_characters` bytes (an upper bound on its characters) is refused before anything is
+    written.
 
     The cache sits beside the corpus (or in `cache_dir` when the corpus folder is read-only). A small JSON
     index records the corpus's size, modification time and sha256, so reopening an unchanged corpus costs
@@ -143,15 +163,22 @@ def encode_corpus(
         raise ConfigError(f"data.decode_errors={decode_errors!r} is not one of strict, replace, ignore.")
     if encoding not in ENCODINGS:
         raise ConfigError(f"data.encoding={encoding!r} is not one of {', '.join(ENCODINGS)}.")
+    if newlines not in NEWLINES:
+        raise ConfigError(f"data.newlines={newlines!r} is not one of {', '.join(NEWLINES)}.")
     stat = path.stat()
     if stat.st_size == 0:
         raise DataError(f"The corpus file {path} is empty; give it some text.")
+    if stat.st_size < min_characters:
+        raise DataError(
+            f"The corpus file {path} has {plural(stat.st_size, 'byte')}, so fewer characters than the "
+            f"{min_characters} its splits need; use a longer corpus or a shorter data.seq_length."
+        )
 
     folder = Path(cache_dir_for(path, Path(cache_dir) if cache_dir else path.parent))
     key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
     index_path = folder / f"{path.name}.{key}.lmcache.json"
     index = _read_json(index_path)
-    settings = {"format": CACHE_FORMAT, "decode_errors": decode_errors, "encoding": encoding}
+    settings = {"format": CACHE_FORMAT, "decode_errors": decode_errors, "encoding": encoding, "newlines": newlines}
 
     def cache_ok(idx: dict | None) -> bool:
         return bool(idx) and all(idx.get(k) == v for k, v in settings.items()) and (folder / idx["ids_file"]).exists()
@@ -167,7 +194,7 @@ def encode_corpus(
         fresh = False
     if not fresh:
         stale = folder / index["ids_file"] if index and "ids_file" in index else None
-        index = _build_cache(path, folder, index_path, decode_errors, encoding, settings)
+        index = _build_cache(path, folder, index_path, settings)
         if stale is not None and stale.name != index["ids_file"]:
             stale.unlink(missing_ok=True)  # the ids of the corpus's previous contents
     ids = np.memmap(folder / index["ids_file"], dtype=np.dtype(index["dtype"]), mode="r")
@@ -175,20 +202,23 @@ def encode_corpus(
     return EncodedCorpus(ids=ids, tokenizer=tokenizer, sha256=index["sha256"])
 
 
-def _build_cache(path: Path, folder: Path, index_path: Path, decode_errors: str, encoding: str, settings: dict) -> dict:
+def _build_cache(path: Path, folder: Path, index_path: Path, settings: dict) -> dict:
     stat = path.stat()
-    vocab, sha256 = _scan_vocabulary(path, decode_errors, encoding)
+    reading = (settings["decode_errors"], settings["encoding"], settings["newlines"])
+    vocab, sha256 = _scan_vocabulary(path, *reading)
     if not vocab:
         raise DataError(f"The corpus file {path} has no characters after decoding; give it some text.")
     tokenizer = CharTokenizer(vocab)
-    ids_name = f"{path.name}.{sha256[:16]}.{tokenizer.dtype.name}"
+    # the settings that change the ids are in the name: two ways of reading one file never share a cache file
+    kept = ".crlf" if settings["newlines"] == "keep" else ""
+    ids_name = f"{path.name}.{sha256[:16]}{kept}.{tokenizer.dtype.name}"
 
     n_ids, crc32 = 0, 0
 
     def write_ids(tmp: Path) -> None:
         nonlocal n_ids, crc32
         with open(tmp, "wb") as out:
-            for text, _ in _decoded_chunks(path, decode_errors, encoding):
+            for text, _ in _decoded_chunks(path, *reading):
                 ids = tokenizer.encode_codepoints(text_to_codepoints(text))
                 n_ids, crc32 = n_ids + len(ids), zlib.crc32(ids, crc32)
                 ids.tofile(out)
@@ -220,6 +250,11 @@ def _ids_problem(ids_path: Path, index: dict) -> str | None:
     for start in range(0, len(ids), CHUNK_BYTES):
         crc32 = zlib.crc32(ids[start : start + CHUNK_BYTES], crc32)
     return None if crc32 == index["crc32"] else "does not match the checksum its index records"
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 character', '2 characters'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _read_json(path: Path) -> dict | None:

@@ -16,11 +16,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lm.corpus import (
     ENCODINGS,
+    NEWLINES,
     TINY_SHAKESPEARE_SHA256,
     TINY_SHAKESPEARE_URL,
     EncodedCorpus,
     download_corpus,
     encode_corpus,
+    plural,
 )
 from lm.errors import ConfigError, DataError, is_count, is_number
 from lm.loss import IGNORE_INDEX
@@ -145,6 +147,7 @@ class CharDataModule(L.LightningDataModule):
         encoding: 'utf-8' (characters) or 'bytes' (each byte one symbol).
         split_sizes: [train, val, test] characters from the corpus's start; None splits by `val_fraction`.
         train_fraction: train on this leading share of the training split, in (0, 1] (the data study's knob).
+        newlines: 'normalize' reads Windows line ends (\r\n) as \n; 'keep' keeps \r as a character.
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class CharDataModule(L.LightningDataModule):
         encoding: str = "utf-8",
         split_sizes: list[int] | None = None,
         train_fraction: float = 1.0,
+        newlines: str = "normalize",
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -182,11 +186,13 @@ class CharDataModule(L.LightningDataModule):
             raise ConfigError(f"data.train_fraction={train_fraction} must be in (0, 1], e.g. 0.25 for a quarter.")
         if encoding not in ENCODINGS:
             raise ConfigError(f"data.encoding={encoding!r} is not one of {', '.join(ENCODINGS)}.")
+        if newlines not in NEWLINES:
+            raise ConfigError(f"data.newlines={newlines!r} is not one of {', '.join(NEWLINES)}.")
         self.path, self.data_dir, self.val_fraction = path, Path(data_dir), val_fraction
         self.seq_length, self.batch_size, self.seed = seq_length, batch_size, seed
         self.decode_errors, self.url, self.sha256 = decode_errors, url, sha256
         self.name, self.archive_member, self.size, self.encoding = name, archive_member, size, encoding
-        self.split_sizes, self.train_fraction = split_sizes, train_fraction
+        self.split_sizes, self.train_fraction, self.newlines = split_sizes, train_fraction, newlines
         self.corpus: EncodedCorpus | None = None
 
     @property
@@ -204,18 +210,26 @@ class CharDataModule(L.LightningDataModule):
         if self.corpus is None:
             if self.path is None and not self.corpus_path.exists():
                 download_corpus(self.url, self.corpus_path, self.sha256, self.size, self.archive_member)
-            corpus = encode_corpus(self.corpus_path, self.data_dir / "cache", self.decode_errors, self.encoding)
-            bounds = self._bounds(len(corpus.ids))
-            names = {"train": "training", "val": "validation", "test": "test"}
-            for split, (start, end) in bounds.items():
-                if end - start < self.seq_length + 1:
-                    raise DataError(
-                        f"The {names[split]} split of {self.corpus_path} has {end - start} characters, fewer than "
-                        f"data.seq_length + 1 = {self.seq_length + 1}; use a longer corpus, a shorter "
-                        "data.seq_length, a larger data.train_fraction, or a different data.val_fraction."
-                    )
+            if self.corpus_path.is_file():  # its size in bytes bounds its characters: refuse before caching ids
+                self._check_splits(self.corpus_path.stat().st_size, "at most ")
+            corpus = encode_corpus(
+                self.corpus_path, self.data_dir / "cache", self.decode_errors, self.encoding, self.newlines
+            )
+            self._check_splits(len(corpus.ids))
             self.corpus = corpus
         return self.corpus
+
+    def _check_splits(self, n_ids: int, bound: str = "") -> None:
+        """Every split of a corpus of `n_ids` characters must hold one training window (`bound`: 'at most ' when
+        `n_ids` is an upper bound)."""
+        names = {"train": "training", "val": "validation", "test": "test"}
+        for split, (start, end) in self._bounds(n_ids).items():
+            if end - start < self.seq_length + 1:
+                raise DataError(
+                    f"The {names[split]} split of {self.corpus_path} has {bound}{plural(end - start, 'character')}, "
+                    f"fewer than data.seq_length + 1 = {self.seq_length + 1}; use a longer corpus, a shorter "
+                    "data.seq_length, a larger data.train_fraction, or a different data.val_fraction."
+                )
 
     def _bounds(self, n_ids: int) -> dict[str, tuple[int, int]]:
         bounds = split_bounds(n_ids, self.val_fraction, self.split_sizes)

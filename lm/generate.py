@@ -36,6 +36,14 @@ def check_sampling_args(
         raise ConfigError(f"num_samples={num_samples} must be at least 1.")
 
 
+def check_switches(**switches) -> None:
+    """Rejects an on/off setting (kv_cache=, compile=, exact=) that is not a boolean: `kv_cache=maybe` or
+    `kv_cache=0` would otherwise run in some mode the user cannot tell."""
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value} must be true or false.")
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float,
@@ -175,6 +183,12 @@ def generate(
     model's precision.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, num_samples)
+    check_switches(kv_cache=kv_cache, compile=compile, exact=exact)
+    if not isinstance(prompt, str):
+        raise ConfigError(
+            f"prompt must be one string, not a {type(prompt).__name__}; for several continuations of one prompt pass "
+            "num_samples=, and call generate once per prompt for several prompts."
+        )
     prompt = prompt or default_prompt(tokenizer)
     device = next(model.parameters()).device
     generator = None

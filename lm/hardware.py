@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,13 @@ from lm.errors import ConfigError
 
 
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 instructions (AVX-512 BF16 or AMX), where bf16 matmuls beat fp32."""
+    """True when the CPU has native bf16 instructions (AVX-512 BF16 or AMX), where bf16 matmuls beat fp32.
+
+    LM_CPU_BF16=0 in the environment answers False on any CPU, so a bf16 machine can run what an fp32-only one
+    runs (the recipes, the precision 'auto' picks, the test suite).
+    """
+    if os.environ.get("LM_CPU_BF16") == "0":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

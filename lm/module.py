@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable, Iterable
 
 import lightning as L
@@ -93,6 +94,8 @@ class LanguageModel(L.LightningModule):
         self.best_val_loss = math.inf
         self._divergence: tuple[torch.Tensor, torch.Tensor] | None = None  # (first bad step or 0, its loss)
         self.read_divergence_every_step = True  # False on a GPU (on_fit_start)
+        self.earlier_fit_seconds = 0.0  # training time of the sessions before this one (from the checkpoint)
+        self._session_started: float | None = None
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -157,6 +160,15 @@ class LanguageModel(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.read_divergence_every_step = self.device.type != "cuda"
+        self._session_started = time.perf_counter()
+
+    @property
+    def fit_seconds(self) -> float:
+        """Seconds of training so far, over every session of the run: a resumed run's checkpoint brings the time
+        of the sessions before it, as it brings their steps, and the pauses between sessions count nothing."""
+        if self._session_started is None:
+            return self.earlier_fit_seconds
+        return self.earlier_fit_seconds + time.perf_counter() - self._session_started
 
     def on_validation_start(self) -> None:
         self.raise_if_diverged()  # (on a GPU, a bad step since the last logging step is read here)
@@ -259,12 +271,16 @@ class LanguageModel(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         checkpoint["lr_schedule"] = {"warmup_end_s": self.warmup_end_s}
         checkpoint["best_val_loss"] = self.best_val_loss
+        checkpoint["fit_seconds"] = self.fit_seconds
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.warmup_end_s = checkpoint.get("lr_schedule", {}).get("warmup_end_s")
         self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+        # a checkpoint from before the clock was saved: its time budget's Timer, where the run had one
+        timer = checkpoint.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train", 0.0)
+        self.earlier_fit_seconds = float(checkpoint.get("fit_seconds", timer))
         states = checkpoint.get("rng_states", {})
         if "torch" in states:
             torch.set_rng_state(states["torch"].cpu())
@@ -283,6 +299,7 @@ class LanguageModel(L.LightningModule):
             "split_sizes": datamodule.split_sizes,
             "train_fraction": datamodule.train_fraction,
             "encoding": datamodule.encoding,
+            "newlines": datamodule.newlines,
             "seq_length": datamodule.seq_length,
             "batch_size": datamodule.batch_size,
         }

@@ -11,6 +11,7 @@ the command that continues it (docs/studies.md, "Stopping and continuing a sweep
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -272,10 +273,31 @@ def continue_command(sweep_dir: Path) -> str:
     return CONTINUE.format(shown)
 
 
+OPTUNA_LOG = "hydra_plugins.hydra_optuna_sweeper._impl"
+
+
+def quiet_optuna_records(record: logging.LogRecord) -> bool:
+    """A filter for the Optuna sweeper's log: a trial that returned no value was stopped or failed, and the job
+    said which in its own words, so the sweeper's "Return value must be float-castable. Got 'None'" goes."""
+    return not str(record.msg).startswith("Failed experiment: Return value must be float-castable. Got 'None'")
+
+
+_ACTIVE: StopSweepOnSignal | None = None  # the multirun in progress in this process, if any
+
+
+def end_stopped_sweep() -> None:
+    """In the sweep's own process, once a stop has saved the running job: ends the multirun here, with the line
+    that says how to continue it. No later job is launched (so none leaves a directory), and a sweeper that would
+    go on (Optuna's) neither records the stopped trial as failed nor reports a best trial of a partial search."""
+    if _ACTIVE is not None:
+        _ACTIVE.on_multirun_end(None)
+
+
 class StopSweepOnSignal(Callback):
     """A Hydra callback for every multirun (conf/train.yaml): on SIGINT or SIGTERM the sweep stops (see the
-    module's docstring) and, once the launcher has returned, exits 128 + the signal's number with the command that
-    continues it. A continued sweep starts without its earlier stop."""
+    module's docstring) and, once the launcher has returned (or at once, where the jobs run in the sweep's own
+    process: `end_stopped_sweep`), exits 128 + the signal's number with the command that continues it. A continued
+    sweep starts without its earlier stop."""
 
     def __init__(self) -> None:
         self.sweep_dir: Path | None = None
@@ -286,7 +308,13 @@ class StopSweepOnSignal(Callback):
         return {**self.__dict__, "signals": None}
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        global _SWEEP_PROCESS
+        global _SWEEP_PROCESS, _ACTIVE
+        _ACTIVE = self
+        logging.getLogger(OPTUNA_LOG).addFilter(quiet_optuna_records)
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
+            import optuna  # its study line repeats the sweeper's "Study name" (optuna sets its own log level)
+
+            optuna.logging.set_verbosity(logging.WARNING)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         if not (self.sweep_dir / "multirun.yaml").is_file():
@@ -298,10 +326,12 @@ class StopSweepOnSignal(Callback):
         _SWEEP_PROCESS = self.signals.thread is not None
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        global _SWEEP_PROCESS
+        global _SWEEP_PROCESS, _ACTIVE
         if self.signals is not None:
             self.signals.stop()
-        _SWEEP_PROCESS = False
+            self.signals = None
+        _SWEEP_PROCESS, _ACTIVE = False, None
+        logging.getLogger(OPTUNA_LOG).removeFilter(quiet_optuna_records)
         if self.sweep_dir is None:
             return
         states = states_line([job_state(job).state for job in sweep_jobs(self.sweep_dir)])

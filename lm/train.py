@@ -6,12 +6,12 @@ final metrics. Tests and `scripts/benchmark.py` call `train` in-process with a c
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +53,7 @@ from lm.run_settings import (
 from lm.sweep import (
     StopWithSweep,
     clear_attempt,
+    end_stopped_sweep,
     in_sweep_process,
     job_state,
     listen_for_stop,
@@ -82,19 +83,28 @@ class TrainingJob:
     ckpt_path: str | None
     precision: str
     hparams: dict  # as the loggers got them, for summary.json
-    resumed_seconds: float = 0.0  # training time of the run this one resumes (its fit_seconds count it)
+
+    def timing(self) -> dict:
+        """For summary.json: the training time of every session so far, and each validation's end and cost."""
+        timing = {"fit_seconds": self.module.fit_seconds}
+        if costs := [c for c in self.trainer.callbacks if isinstance(c, ValidationCost)]:
+            timing["validation_seconds"] = costs[0].seconds
+            timing["validations"] = costs[0].records
+        return timing
 
 
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
     """Trains one run from a composed config (`callbacks`: more callbacks, after the config's own); returns the
     final metrics (val/loss, val/bpc, ...). Writes <run dir>/summary.json when the run finishes."""
     job = build(cfg, callbacks)
-    started = time.perf_counter()
     try:
         job.trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=job.ckpt_path)
     except torch.OutOfMemoryError as error:
         raise ConfigError(out_of_memory_advice(error, job.module, cfg)) from error
-    return finish(cfg, job, time.perf_counter() - started)
+    except InterruptedTraining as stop:
+        stop.timing = job.timing()  # an interrupted sweep job's summary.json records how far it got
+        raise
+    return finish(cfg, job)
 
 
 def build(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingJob:
@@ -132,7 +142,7 @@ def build(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingJob:
     hparams["parameters"] = module.model.num_parameters()
     for logger in loggers:
         logger.log_hyperparams(hparams)
-    return TrainingJob(datamodule, module, trainer, ckpt_path, precision, hparams, spent if cfg.resume else 0.0)
+    return TrainingJob(datamodule, module, trainer, ckpt_path, precision, hparams)
 
 
 def model_config(cfg: DictConfig, vocab_size: int) -> tuple[TransformerConfig, bool | str]:
@@ -211,7 +221,7 @@ def say_what_trains(
     )
 
 
-def finish(cfg: DictConfig, job: TrainingJob, fit_seconds: float) -> dict[str, float]:
+def finish(cfg: DictConfig, job: TrainingJob) -> dict[str, float]:
     """After fitting: the final metrics line, and for a run that was not interrupted, the final evaluation and
     summary.json (rank 0). Returns the final val/* metrics."""
     trainer, module, datamodule = job.trainer, job.module, job.datamodule
@@ -229,7 +239,7 @@ def finish(cfg: DictConfig, job: TrainingJob, fit_seconds: float) -> dict[str, f
         "status": "finished",
         "metrics": metrics,
         "global_step": trainer.global_step,
-        "fit_seconds": job.resumed_seconds + fit_seconds,
+        **job.timing(),
         "tokens_per_step": datamodule.batch_size * datamodule.seq_length * trainer.world_size,
         # forward and backward, attention included (counted on a meta-device copy): the x axis of loss-vs-compute
         "flops_per_step": module.flops_per_batch * trainer.accumulate_grad_batches * trainer.world_size,
@@ -240,9 +250,6 @@ def finish(cfg: DictConfig, job: TrainingJob, fit_seconds: float) -> dict[str, f
         "evaluations": [r.to_dict() for r in evaluations],
         "train_evaluations": [r.to_dict() for r in train_evaluations],
     }
-    if costs := [c for c in trainer.callbacks if isinstance(c, ValidationCost)]:
-        summary["validation_seconds"] = costs[0].seconds
-        summary["validations"] = costs[0].records
     write_atomically(
         Path(cfg.paths.run_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))
     )
@@ -294,7 +301,11 @@ def sweep_job(cfg: DictConfig) -> dict[str, float]:
     sweep_dir = Path(HydraConfig.get().sweep.dir)
     job_dir = Path(cfg.paths.run_dir)
     if signum := stop_signal(sweep_dir):
+        # what Hydra made for the job goes: a continued sweep makes it again
+        shutil.rmtree(job_dir, ignore_errors=True)
         print(f"[transformer-lm] {job_dir.name}: not started ({signal.Signals(signum).name} stopped the sweep)")
+        if in_sweep_process():
+            end_stopped_sweep()
         return {}
     listen_for_stop()
     if cfg.resume and Path(cfg.resume).resolve() == sweep_dir.resolve():
@@ -315,8 +326,10 @@ def sweep_job(cfg: DictConfig) -> dict[str, float]:
         if not stop.quiet:
             name = signal.Signals(stop.signum).name
             print(f"[transformer-lm] {name}: saved {stop.checkpoint} at step {stop.step}", file=sys.stderr)
-            summary = {"status": "interrupted", "step": stop.step, "signal": name}
+            summary = {"status": "interrupted", "step": stop.step, "signal": name, **getattr(stop, "timing", {})}
             write_atomically(job_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary)))
+        if in_sweep_process():
+            end_stopped_sweep()
         return {}
     except Exception as error:
         if full_errors():
@@ -340,8 +353,11 @@ def single_run(cfg: DictConfig) -> dict[str, float]:
 
 
 def remove_if_nothing_was_run(run_dir: Path) -> None:
-    """Deletes `run_dir` if it holds only what Hydra writes at start (.hydra/) and train.log: nothing was trained."""
+    """Deletes `run_dir` if it holds only what Hydra writes at start (.hydra/) and train.log: nothing was trained;
+    and its parent (outputs/runs/) if that is left empty."""
     if not run_dir.is_dir():
         return
     if {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
         shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty: other runs live there
+            run_dir.parent.rmdir()

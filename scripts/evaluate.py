@@ -10,9 +10,12 @@ Prints a Markdown table and writes it, with a JSON copy, next to the checkpoint.
 `lm.commands.evaluate_checkpoint`.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from lm.cli import command_line
 from lm.commands import evaluate_checkpoint
 from lm.config import CONFIG_DIR
 from lm.console import report_errors
@@ -24,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = command_line("evaluate", sys.argv)
     main()

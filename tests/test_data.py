@@ -131,6 +131,41 @@ def test_split_sizes_and_too_short_splits(corpus):
         CharDataModule(path=str(corpus), val_fraction=0.001, seq_length=64).load()
 
 
+@pytest.mark.parametrize("chunk_bytes", [7, 16 * 1024 * 1024])
+def test_windows_line_ends_read_as_newlines_unless_kept(tmp_path, monkeypatch, chunk_bytes):
+    import lm.corpus
+
+    monkeypatch.setattr(lm.corpus, "CHUNK_BYTES", chunk_bytes)  # 7: some \r\n pairs straddle two chunks
+    unix = "To be,\nor not\rto be.\n" * 40  # a lone \r is not a line end: it stays
+    path = tmp_path / "windows.txt"
+    path.write_bytes(unix.replace("\n", "\r\n").encode())
+    normalized = encode_corpus(path)
+    assert normalized.tokenizer.decode(np.asarray(normalized.ids)) == unix
+    kept = encode_corpus(path, newlines="keep")
+    assert kept.tokenizer.decode(np.asarray(kept.ids)) == unix.replace("\n", "\r\n")
+    assert len(kept.tokenizer.vocab) == len(normalized.tokenizer.vocab)  # "\r" occurs alone too
+    dm = CharDataModule(path=str(path), seq_length=8, batch_size=2)
+    assert "\r\n" not in dm.tokenizer.decode(dm.split("train"))
+    with pytest.raises(ConfigError, match="data.newlines='crlf' is not one of normalize, keep"):
+        CharDataModule(path=str(path), newlines="crlf")
+
+
+def test_a_crlf_corpus_has_the_vocabulary_of_its_lf_copy(tmp_path):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 30
+    (tmp_path / "lf.txt").write_text(text)
+    (tmp_path / "crlf.txt").write_bytes(text.replace("\n", "\r\n").encode())
+    lf, crlf = encode_corpus(tmp_path / "lf.txt"), encode_corpus(tmp_path / "crlf.txt")
+    assert crlf.tokenizer.vocab == lf.tokenizer.vocab and np.array_equal(np.asarray(crlf.ids), np.asarray(lf.ids))
+
+
+def test_a_corpus_too_short_for_its_splits_is_refused_before_any_cache_is_written(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("a")
+    with pytest.raises(DataError, match=r"has at most 1 character, fewer than data.seq_length \+ 1 = 17"):
+        CharDataModule(path=str(path), seq_length=16).load()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.txt"]
+
+
 @pytest.mark.parametrize("kwargs", [{"val_fraction": 0}, {"val_fraction": 1.0}, {"seq_length": 0}, {"batch_size": -1}])
 def test_bad_data_settings_are_rejected(kwargs):
     with pytest.raises(ConfigError):

@@ -1,5 +1,6 @@
 """Runs that cannot go on end with one sentence: resume mismatches, damaged checkpoints, a full disk, GPU memory."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,33 @@ def test_resume_refuses_what_it_cannot_continue_before_loading(tmp_path, trained
     line = one_error_line(result)
     assert line.startswith(f"error: resume={run}") and message in line, line
     assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before, "the run dir changed"
+
+
+@pytest.mark.parametrize(
+    "trained_with,change",
+    [
+        ([], ["pos_encoding=alibi"]),
+        ([], ["model.qk_norm=true", "model.logit_softcap=30"]),
+        (["pos_encoding=alibi", "model.mlp=relu2"], ["pos_encoding=rope", "model.mlp=gelu"]),
+    ],
+)
+def test_the_fix_a_refused_resume_suggests_runs_as_printed(tmp_path, trained, trained_with, change, cli):
+    run, corpus = trained
+    if trained_with:
+        run_train(
+            [f"data.path={corpus}", *FAST, "trainer.max_steps=10", *trained_with], tmp_path / "a", in_process=True
+        )
+        run = only_run(tmp_path / "a" / "outputs")
+    else:
+        shutil.copytree(run, tmp_path / "run")  # the module's run stays as it is for the other tests
+        run = tmp_path / "run"
+    args = [f"data.path={corpus}", *FAST, "trainer.max_steps=12"]
+    line = one_error_line(cli.train([*args, *change, f"resume={run}"], tmp_path, False))
+    suggested = line.split("; pass ", 1)[1].split(" (or the model=", 1)[0].split()
+    assert not any(("True" in s or "False" in s or "None" in s) for s in suggested), line
+    result = cli.train([*args, *change, *suggested, f"resume={run}"], tmp_path, False)
+    assert result.returncode == 0, (line, result.stderr[-2000:])
+    assert last_checkpoint(run)["global_step"] == 12
 
 
 def test_fine_tuning_on_another_corpus_says_so_in_one_line(tmp_path, trained, cli):

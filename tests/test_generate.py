@@ -197,6 +197,8 @@ def test_prompt_errors_and_empty_prompt():
     model, tok = random_model("rope"), CharTokenizer(VOCAB)
     with pytest.raises(DataError, match="'#'"):
         generate(model, tok, "hi #", 5)
+    with pytest.raises(ConfigError, match="one string, not a list"):
+        generate(model, tok, ["hi", "ho"], 5)
     assert generate(model, tok, "", 5, seed=0)[0].startswith("\n")
 
 
@@ -215,6 +217,10 @@ def test_prompt_errors_and_empty_prompt():
         {"seed": -1},
         {"seed": "abc"},
         {"num_samples": 0},
+        {"kv_cache": "maybe"},
+        {"kv_cache": 0},
+        {"exact": "perhaps"},
+        {"compile": "sometimes"},
     ],
 )
 def test_bad_sampling_arguments_are_rejected(kwargs):
@@ -362,6 +368,10 @@ def test_generate_script_stops_quietly_when_the_reader_of_its_output_quits(train
         (["max_new_tokens=-5"], "max_new_tokens"),
         (["top_p=1.5"], "top_p"),
         (["temperature=-1"], "temperature"),
+        (["kv_cache=maybe"], "error: kv_cache=maybe must be true or false."),
+        (["kv_cache=0"], "error: kv_cache=0 must be true or false."),
+        (["exact=perhaps"], "error: exact=perhaps must be true or false."),
+        (["compile=sometimes"], "error: compile=sometimes must be true or false."),
     ],
 )
 def test_generate_script_bad_input(trained_run, args, message, cli):
@@ -369,6 +379,18 @@ def test_generate_script_bad_input(trained_run, args, message, cli):
     result = cli.script("generate.py", f"ckpt={run}", *args, check=False)
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("script", ["generate.py", "evaluate.py"])
+@pytest.mark.parametrize(
+    "override", ["model.mlp=relu", "pos_encoding=rope", "+model.mlp=relu", "model=mini", "~model.qk_norm"]
+)
+def test_model_settings_on_a_checkpoint_are_refused_in_one_line(trained_run, script, override, cli):
+    run, _ = trained_run
+    result = cli.script(script, f"ckpt={run}", override, check=False)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {override}: the model's settings come from its checkpoint")
 
 
 @pytest.mark.parametrize("script", ["generate.py", "evaluate.py"])

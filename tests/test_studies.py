@@ -402,6 +402,8 @@ def test_optuna_search_survives_a_failed_trial(tmp_path, corpus, cli):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"]["model.n_head"] == 2 and best["best_value"] > 0
     assert "the sweep goes on" in result.stderr
+    # the failed trials said why in their own line: not also Optuna's "Got 'None'" for each
+    assert "Failed experiment" not in result.stdout + result.stderr
     # a trial's name and its row in the report give its sampled values to four significant digits; the job's
     # .hydra/overrides.yaml keeps them whole
     for job in (p for p in sweep.iterdir() if (p / ".hydra").is_dir()):
@@ -413,3 +415,13 @@ def test_optuna_search_survives_a_failed_trial(tmp_path, corpus, cli):
     for row in rows:
         for value in re.findall(r"\d+\.\d+(?:e-\d+)?", row["configuration"]):
             assert len(value.split("e")[0].replace(".", "").lstrip("0")) <= 4, row["configuration"]
+
+
+def test_an_optuna_search_starts_without_its_libraries_notices(tmp_path, corpus):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    # a process of its own: optuna's imports log only the first time, and its log level is its own
+    args = [f"data.path={corpus}", "hparams_search=optuna_lr", *SHRINK, "hydra.sweeper.n_trials=1"]
+    result = run_train(args, tmp_path)
+    output = result.stdout + result.stderr
+    assert "Study name: optuna_lr" in output
+    assert "setup plugin" not in output and "A new study created" not in output, output[:2000]

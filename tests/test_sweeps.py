@@ -2,6 +2,7 @@
 directory, and a run on several nodes writes one directory."""
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -94,16 +95,17 @@ def test_ctrl_c_stops_a_sweep_and_resume_finishes_it_training_nothing_twice(tmp_
     assert code == 130, output[-3000:]
     assert "Traceback" not in output
     assert f"continue it with: python scripts/train.py -m resume={sweep}" in output
-    finished, interrupted, unstarted = sorted(p for p in sweep.iterdir() if p.is_dir())
+    # the sweep ended where it was stopped: the job that never started left no directory
+    finished, interrupted = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert job_state(finished).state == "finished"
     stopped = job_state(interrupted)
     assert stopped.state == "interrupted" and stopped.step >= 5, stopped
     assert json.loads((interrupted / "summary.json").read_text())["status"] == "interrupted"
-    assert job_state(unstarted).state == "not started" and steps_logged(unstarted) == 0
+    assert "(1 finished, 1 interrupted)" in output
     # compare.py lists each job's state
     compared = run_script("compare.py", str(sweep))
     assert f"`{interrupted.name}`: interrupted at step {stopped.step}" in compared.stdout
-    assert f"`{unstarted.name}`: not started" in compared.stdout
+    interrupted_at = torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=False)["fit_seconds"]
 
     kept = {p.name: p.read_bytes() for p in [finished / "summary.json", finished / "checkpoints" / "last.ckpt"]}
     before = {p: p.stat().st_mtime_ns for p in finished.rglob("*")}
@@ -115,7 +117,8 @@ def test_ctrl_c_stops_a_sweep_and_resume_finishes_it_training_nothing_twice(tmp_
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert continued.returncode == 0, continued.stderr[-3000:]
-    assert sorted(p for p in sweep.iterdir() if p.is_dir()) == [finished, interrupted, unstarted], "no new job dirs"
+    (unstarted,) = set(p for p in sweep.iterdir() if p.is_dir()) - {finished, interrupted}
+    assert unstarted.name.startswith("2_")
     # the finished job: not one file touched
     assert {p.name: p.read_bytes() for p in [finished / "summary.json", finished / "checkpoints" / "last.ckpt"]} == kept
     assert {p: p.stat().st_mtime_ns for p in finished.rglob("*")} == before
@@ -133,6 +136,8 @@ def test_ctrl_c_stops_a_sweep_and_resume_finishes_it_training_nothing_twice(tmp_
     assert max(logged) == 300
     assert all(job_state(j).state == "finished" for j in (finished, interrupted, unstarted))
     assert not (sweep / "stopped.json").exists()
+    # the continued job's training time counts both sessions
+    assert json.loads((interrupted / "summary.json").read_text())["fit_seconds"] > interrupted_at > 0
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
@@ -155,7 +160,7 @@ def test_ctrl_c_stops_every_job_of_a_parallel_sweep(tmp_path, corpus, launcher):
     assert "Traceback" not in output and "received again" not in output
     states = [job_state(j) for j in sorted(jobs())]
     assert [s.state for s in states].count("interrupted") >= 2, states
-    assert all(s.state in ("interrupted", "not started") for s in states), states
+    assert all(s.state == "interrupted" for s in states), states  # a job that never started leaves no directory
     for job, state in zip(sorted(jobs()), states, strict=True):
         if state.state == "interrupted":  # saved where it stopped
             assert last_checkpoint(job)["global_step"] == state.step
@@ -294,3 +299,50 @@ def test_an_optuna_search_continues_with_the_same_trials(tmp_path, corpus, cli):
     assert sorted(p for p in sweep.iterdir() if p.is_dir()) == jobs
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == kept
     assert [job_state(j).state for j in jobs] == ["finished"] * 3
+
+
+@pytest.mark.parametrize("search", [["seed=1"], ["hparams_search=optuna_lr", "hydra.sweeper.n_trials=1"]])
+def test_a_continued_job_counts_every_sessions_training_time_and_no_pause(tmp_path, corpus, cli, monkeypatch, search):
+    if "hparams_search=optuna_lr" in search:
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import lm.sweep
+    from lm.report import load_sweep
+
+    # the sweep is stopped as by a Ctrl-C during step 7: its job reads the stop at each step's start
+    calls = []
+    monkeypatch.setattr(lm.sweep, "stop_signal", lambda sweep_dir: calls.append(1) or 2 * (len(calls) > 6))
+    args = [f"data.path={corpus}", *FAST, "trainer.val_check_interval=3", "logger=tensorboard", "trainer.max_steps=9"]
+    stopped_run = cli.train(["-m", *args, *search], tmp_path, check=False)
+    monkeypatch.undo()
+    assert stopped_run.returncode == 130, stopped_run.stderr[-2000:]
+    output = stopped_run.stdout + stopped_run.stderr
+    # the search ends where it was stopped: no trial recorded as failed, no best trial of a partial search
+    assert "Failed experiment" not in output and "Best parameters" not in output and "Traceback" not in output
+    assert "continue it with: python scripts/train.py -m resume=" in output
+    sweep = next(p.parent for p in (tmp_path / "outputs" / "multirun").rglob("multirun.yaml"))
+    (job,) = [p for p in sweep.iterdir() if p.is_dir()]
+    stopped = json.loads((job / "summary.json").read_text())
+    assert stopped["status"] == "interrupted" and [v["step"] for v in stopped["validations"]] == [3, 6]
+    saved = torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["fit_seconds"]
+    assert stopped["validations"][-1]["fit_seconds"] < saved <= stopped["fit_seconds"]
+
+    pause = 1000.0  # seconds between the two sessions, as the event files' wall clock sees them
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + pause)
+    cli.train(["-m", f"resume={sweep}"], tmp_path)
+    monkeypatch.undo()
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["global_step"] == 9
+    assert saved < summary["fit_seconds"] < pause
+    # the first session's validations, with their times, and the second's after them on the same clock
+    assert [v["step"] for v in summary["validations"]] == [3, 6, 9]
+    assert summary["validations"][0] == stopped["validations"][0]
+    clock = [v["fit_seconds"] for v in summary["validations"]]
+    assert clock == sorted(clock) and clock[-1] <= summary["fit_seconds"]
+    # the report: the wall-time column and the loss-against-time curve count both sessions and not the pause
+    (record,) = load_sweep(sweep)
+    assert record.curves["val/loss"].steps == [3, 6, 9]
+    assert record.curves["val/loss"].seconds == clock
+    cli.script("compare.py", str(sweep))
+    (row,) = csv.DictReader((sweep / "results.csv").open())
+    assert float(row["wall_s"]) == pytest.approx(summary["fit_seconds"], abs=0.5)

@@ -38,12 +38,13 @@ class ValidationCost(L.Callback):
     summary.json gets them (`validations`, `validation_seconds`), and the end of training says their share.
 
     A validation's cost runs from its start to the next training step (or the end of training); the part after the
-    validation loop (`after_s`) is what the other callbacks did with it, as long as this one is listed first.
+    validation loop (`after_s`) is what the other callbacks did with it, as long as this one is listed first. Its
+    `fit_seconds` is when it ended on the run's training clock (`LanguageModel.fit_seconds`: every session, no
+    pause); checkpoints keep the records, so a resumed run's summary lists its earlier sessions' validations too.
     """
 
     def __init__(self) -> None:
         self.records: list[dict] = []
-        self.fit_started = time.perf_counter()
         self._started: float | None = None
         self._loop_ended: float | None = None
 
@@ -52,8 +53,11 @@ class ValidationCost(L.Callback):
         """All validations' cost so far, what follows them included."""
         return sum(r["seconds"] for r in self.records)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self.fit_started = time.perf_counter()
+    def state_dict(self) -> dict:
+        return {"records": [dict(r) for r in self.records]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.records = [dict(r) for r in state_dict.get("records", [])]
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
@@ -64,32 +68,36 @@ class ValidationCost(L.Callback):
             return
         self._loop_ended = time.perf_counter()
         loss = trainer.callback_metrics.get("val/loss")
+        loop = self._loop_ended - self._started
+        # as of the loop's end, until `_close` adds what followed: a checkpoint saved in between keeps these
         self.records.append(
             {
                 "step": trainer.global_step,
                 "val_loss": None if loss is None else float(loss),
-                "loop_s": self._loop_ended - self._started,
+                "loop_s": loop,
+                "seconds": loop,
+                "fit_seconds": pl_module.fit_seconds,
             }
         )
 
-    def _close(self) -> None:
+    def _close(self, pl_module) -> None:
         if self._started is None or self._loop_ended is None:
             return
         now = time.perf_counter()
         record = self.records[-1]
         record["after_s"] = now - self._loop_ended
         record["seconds"] = now - self._started
-        record["fit_seconds"] = now - self.fit_started  # when it ended, from the start of training
+        record["fit_seconds"] = pl_module.fit_seconds  # when it ended, on the run's training clock
         record["time"] = time.time()  # the same moment as a Unix time, to compare with other processes' clocks
         self._started = self._loop_ended = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
-        self._close()
+        self._close(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._close()
+        self._close(pl_module)
         if trainer.is_global_zero and self.records:
-            fit = time.perf_counter() - self.fit_started
+            fit = pl_module.fit_seconds
             after = sum(r.get("after_s", 0.0) for r in self.records)
             print(
                 f"[transformer-lm] validation: {len(self.records)} passes took {self.seconds:.1f} s, "

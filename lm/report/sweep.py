@@ -34,10 +34,11 @@ IGNORED_OVERRIDES = ("seed", "experiment", "hparams_search", "resume")
 
 @dataclass
 class Curve:
-    """One logged series of a run: its steps, seconds since the run's first event, and values."""
+    """One logged series of a run: its steps, seconds, and values. `seconds` are since the run's first event, except
+    val/loss's, which are on the run's training clock where its summary.json records its validations (`on_clock`)."""
 
     steps: list[int] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)  # since the run's first event
+    seconds: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
 
 
@@ -82,6 +83,19 @@ def read_curves(run_dir: Path, tags: tuple[str, ...] = CURVES) -> dict[str, Curv
     return curves
 
 
+def on_clock(curves: dict[str, Curve], validations: list[dict] | None) -> dict[str, Curve]:
+    """`curves` with val/loss against training time: each validation's `fit_seconds` from summary.json, which counts
+    every session of a resumed run and no pause between them (event times would count the pause). Left on event
+    times when the summary does not have every step the curve has (a run from before the clock was recorded)."""
+    curve = curves.get("val/loss")
+    if curve is None or not validations:
+        return curves
+    clock = {r["step"]: r["fit_seconds"] for r in validations if r.get("fit_seconds") is not None}
+    if all(step in clock for step in curve.steps):
+        curves["val/loss"] = Curve(curve.steps, [clock[step] for step in curve.steps], curve.values)
+    return curves
+
+
 def load_sweep(sweep_dir: Path | str) -> list[JobRecord]:
     """Every job of the sweep, labelled by the overrides that differ between configurations."""
     sweep_dir = Path(sweep_dir)
@@ -92,7 +106,7 @@ def load_sweep(sweep_dir: Path | str) -> list[JobRecord]:
         job_dir = overrides_file.parent.parent
         overrides = [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
         state = job_state(job_dir)  # (it reads summary.json)
-        curves = read_curves(job_dir)
+        curves = on_clock(read_curves(job_dir), (state.summary or {}).get("validations"))
         jobs.append(JobRecord(job_dir, overrides, state.state, state.summary or {}, curves, state=state.describe()))
     _label(jobs)
     return jobs
