@@ -37,10 +37,22 @@ def readable_numbers(text: str, digits: int = 4) -> str:
     return DECIMAL.sub(shorten, text)
 
 
+# after the config-group choices, the keys that change what is trained come first in a name that must be cut
+NAME_PRIORITY = ("model.", "optimizer.", "data.", "lr_schedule.", "trainer.")
+
+
+def name_priority(key: str) -> int:
+    """Where an override's key stands in a run name: a config-group choice (`model`, `pos_encoding`) first, then
+    model settings, the optimizer's, the data's, the schedule's, the trainer's, and the rest (callbacks, ...)."""
+    if "." not in key:
+        return 0
+    return next((i + 1 for i, prefix in enumerate(NAME_PRIORITY) if key.startswith(prefix)), len(NAME_PRIORITY) + 1)
+
+
 def short_name(overrides: str) -> str:
     """A run directory name from its overrides ("key-value+key-value"): what the command line said first, then
     what the machine's recipe added (RECIPE_KEYS); within each, config-group choices first (they say most about a
-    run), then the rest; long decimals with four significant digits (`readable_numbers`). Where the name would be
+    run), then model, optimizer, data, schedule and trainer settings, then the rest (`name_priority`); long decimals with four significant digits (`readable_numbers`). Where the name would be
     too long it is cut at an item's end, with a hash of the whole to stay unique. Characters a Hydra value cannot
     hold unquoted are dropped (quotes) or replaced: accents by the letter (é: e), the rest by _."""
     ascii_only = unicodedata.normalize("NFKD", readable_numbers(overrides)).encode("ascii", "ignore").decode()
@@ -48,9 +60,9 @@ def short_name(overrides: str) -> str:
     items = [item for item in overrides.split("+") if item]  # (an appended key, +key=v, reads "+key-v")
     recipe = set(filter(None, os.environ.get(RECIPE_KEYS, "").split(",")))
 
-    def order(item: str) -> tuple[bool, bool]:
+    def order(item: str) -> tuple[bool, int]:
         key = item.split("-", 1)[0]
-        return key in recipe, "." in key
+        return key in recipe, name_priority(key)
 
     items = sorted(items, key=order)
     name = "+".join(items)

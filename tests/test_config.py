@@ -117,10 +117,23 @@ def test_a_long_run_name_keeps_what_you_typed_first_and_cuts_only_between_items(
     assert short_name("trainer.max_steps-20+model-tiny") == "model-tiny+trainer.max_steps-20"  # short: unchanged
 
 
+def test_a_cut_name_keeps_what_changes_the_model_before_data_and_schedule_settings():
+    from lm.naming import short_name
+
+    # what Hydra passes: its override_dirname, sorted by key
+    overrides = (
+        "data.batch_size-8+data.seq_length-64+lr_schedule.warmup_steps-10+model.mlp-swiglu+model.norm-rmsnorm"
+        "+model.qk_norm-true+optimizer.lr-0.002+pos_encoding-learned+trainer.max_steps-600"
+    )
+    name = short_name(overrides)
+    assert name.startswith("pos_encoding-learned+model.mlp-swiglu+model.norm-rmsnorm+model.qk_norm-true+optimizer.lr")
+    assert ".." in name and "trainer.max_steps" not in name
+
+
 def test_the_machines_recipe_comes_after_your_own_settings_in_the_run_name(tmp_path, corpus, cli):
     cli.train([f"data.path={corpus}", "trainer.max_steps=2", "callbacks.throughput.peak_flops=null"], tmp_path)
     (run,) = (tmp_path / "outputs" / "runs").iterdir()
     name = run.name.split("_", 2)[2]  # after the date and time
-    assert name.startswith("callbacks.throughput.peak_flops-null+trainer.max_steps-2+model-mini+optimizer-muon+")
+    assert name.startswith("trainer.max_steps-2+callbacks.throughput.peak_flops-null+model-mini+optimizer-muon+")
     assert ".." in name and name.split("..")[0].split("+")[-1].count("-") >= 1
     assert "model=mini" in (run / ".hydra" / "overrides.yaml").read_text()

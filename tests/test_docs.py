@@ -31,3 +31,17 @@ def test_every_relative_link_resolves(page):
 
 def test_the_readme_is_a_guide_of_at_most_15000_bytes():
     assert len((ROOT / "README.md").read_bytes()) <= 15_000
+
+
+def test_configs_and_code_comments_carry_no_measured_figures():
+    # a machine's name beside a duration or a count is a measurement: it belongs in docs/, which say when and how
+    machine = re.compile(r"EPYC|Sapphire Rapids|H100|H200|AVX-?512|AVX2", re.I)
+    duration = re.compile(r"\d+(\.\d+)? ?(minutes|min|seconds|s|hours)\b")
+    files = [*sorted((ROOT / "conf").rglob("*.yaml")), *sorted((ROOT / "lm").rglob("*.py"))]
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "#" in line and machine.search(line.split("#", 1)[1]) and duration.search(line.split("#", 1)[1])
+    ]
+    assert not found, found
