@@ -18,7 +18,7 @@ from lm.corpus import ENCODINGS, encode_corpus
 from lm.data import split_bounds
 from lm.errors import ConfigError, DataError, is_count, is_number
 from lm.evaluate import evaluate, results_table, write_eval_report
-from lm.generate import check_sampling_args, check_switches, default_prompt, generate
+from lm.generate import check_sampling_args, check_switches, decoding_threads, default_prompt, generate
 from lm.hardware import bf16_supported, resolve_device
 from lm.past_context import past_context_losses, past_context_table
 from lm.report import write_sweep_report
@@ -31,12 +31,18 @@ def generate_text(cfg: DictConfig) -> None:
     """generate.py: samples text from `cfg.ckpt` and streams it to stdout (diagnostics to stderr)."""
     check_sampling_args(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed, cfg.num_samples)
     check_switches(kv_cache=cfg.kv_cache, compile=cfg.compile, exact=cfg.exact)
+    if cfg.threads != "auto" and not is_count(cfg.threads):
+        raise ConfigError(f"threads={cfg.threads} must be a positive integer, or auto (by the model's size).")
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(find_checkpoint(cfg.ckpt), device=device)  # the command line's error wording
+    threads = None if cfg.threads == "auto" else cfg.threads
+    on = f"on {device}"
+    if device == "cpu":
+        on += f" ({threads or decoding_threads(model, cfg.num_samples)} threads)"
     print(
         f"[generate] {model.config.n_layer} layers x {model.config.n_embd}, "
-        f"{model.config.pos_encoding.name} positions, context {model.config.seq_length}, on {device}, "
-        f"kv_cache={cfg.kv_cache}, compile={cfg.compile}, exact={cfg.exact}",
+        f"{model.config.pos_encoding.name} positions, context {model.config.seq_length}, {on}, "
+        f"kv_cache={str(cfg.kv_cache).lower()}, compile={str(cfg.compile).lower()}, exact={str(cfg.exact).lower()}",
         file=sys.stderr,
         flush=True,
     )
@@ -68,6 +74,7 @@ def generate_text(cfg: DictConfig) -> None:
         on_token=stream if cfg.num_samples == 1 else None,
         compile=cfg.compile,
         exact=cfg.exact,
+        threads=threads,
     )
     elapsed = time.perf_counter() - start
     if cfg.num_samples > 1:

@@ -44,6 +44,18 @@ def check_switches(**switches) -> None:
             raise ConfigError(f"{name}={value} must be true or false.")
 
 
+# weights read per decoding step (parameters x streams) for each CPU thread: below this, more threads cost more in
+# synchronisation than they give, and far more when another process shares the cores (docs/generation.md)
+WEIGHTS_PER_DECODING_THREAD = 32_000_000
+
+
+def decoding_threads(model: Transformer, num_samples: int = 1) -> int:
+    """How many CPU threads decoding uses: one per `WEIGHTS_PER_DECODING_THREAD` weights that a step reads (the
+    model's parameters times the streams), at least one and at most torch's current thread count."""
+    work = model.num_parameters() * num_samples
+    return max(1, min(torch.get_num_threads(), work // WEIGHTS_PER_DECODING_THREAD))
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float,
@@ -166,6 +178,7 @@ def generate(
     on_token: Callable[[torch.Tensor], None] | None = None,
     compile: bool = False,
     exact: bool = False,
+    threads: int | None = None,
 ) -> list[str]:
     """Continues `prompt` `num_samples` times and returns the prompts with their continuations.
 
@@ -180,9 +193,12 @@ def generate(
 
     On a CPU, up to 16 streams multiply by float16 versions of the weights (`lm.decoding.decoding_matrices`: more
     characters/s than `exact=True`, logits within float16's rounding); `exact=True` keeps every product in the
-    model's precision.
+    model's precision. On a CPU, decoding runs on `threads` threads (None: `decoding_threads`, by the model's size),
+    and torch's thread count is put back afterwards.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, num_samples)
+    if threads is not None and not is_count(threads):
+        raise ConfigError(f"threads={threads} must be a positive integer, or auto (by the model's size).")
     check_switches(kv_cache=kv_cache, compile=compile, exact=exact)
     if not isinstance(prompt, str):
         raise ConfigError(
@@ -199,15 +215,16 @@ def generate(
     tokens = torch.empty(num_samples, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=device)
     tokens[:, : len(prompt_ids)] = prompt_ids
     length = len(prompt_ids)
-    was_training = model.training
-    model.eval()
-    step = prepared_decode_step(model, compile) if kv_cache else None
-    matrices = decoding_matrices(model, num_samples, compile) if kv_cache and not exact else None
-    logits_for_next = NextCharacterLogits(model, num_samples, kv_cache, step, matrices)
     # uniforms for inverse-CDF sampling, drawn at once: one operation less per character
     uniforms = torch.rand(max_new_tokens, num_samples, 1, device=device, generator=generator)
-
+    was_training, threads_before = model.training, torch.get_num_threads()
+    model.eval()
     try:
+        if device.type == "cpu":
+            torch.set_num_threads(threads or decoding_threads(model, num_samples))
+        step = prepared_decode_step(model, compile) if kv_cache else None
+        matrices = decoding_matrices(model, num_samples, compile) if kv_cache and not exact else None
+        logits_for_next = NextCharacterLogits(model, num_samples, kv_cache, step, matrices)
         for i in range(max_new_tokens):
             next_ids = sample_next(logits_for_next(tokens, length), temperature, top_k, top_p, generator, uniforms[i])
             tokens[:, length] = next_ids[:, 0]
@@ -216,4 +233,5 @@ def generate(
                 on_token(next_ids[:, 0])
     finally:
         model.train(was_training)
+        torch.set_num_threads(threads_before)
     return [tokenizer.decode(row) for row in tokens.cpu()]

@@ -52,9 +52,10 @@ def name_priority(key: str) -> int:
 def short_name(overrides: str) -> str:
     """A run directory name from its overrides ("key-value+key-value"): what the command line said first, then
     what the machine's recipe added (RECIPE_KEYS); within each, config-group choices first (they say most about a
-    run), then model, optimizer, data, schedule and trainer settings, then the rest (`name_priority`); long decimals with four significant digits (`readable_numbers`). Where the name would be
-    too long it is cut at an item's end, with a hash of the whole to stay unique. Characters a Hydra value cannot
-    hold unquoted are dropped (quotes) or replaced: accents by the letter (é: e), the rest by _."""
+    run), then model, optimizer, data, schedule and trainer settings, then the rest (`name_priority`); long
+    decimals with four significant digits (`readable_numbers`). Where the name would be too long it is cut at an
+    item's end, with a hash of the whole to stay unique. Characters a Hydra value cannot hold unquoted are dropped
+    (quotes) or replaced: accents by the letter (é: e), the rest by _."""
     ascii_only = unicodedata.normalize("NFKD", readable_numbers(overrides)).encode("ascii", "ignore").decode()
     overrides = UNQUOTED.sub("_", ascii_only.replace("'", "").replace('"', ""))
     items = [item for item in overrides.split("+") if item]  # (an appended key, +key=v, reads "+key-v")

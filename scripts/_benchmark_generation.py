@@ -1,8 +1,11 @@
 """The benchmark's generation part: characters per second with and without the KV cache, float16 weights, several
-streams, and (on a CPU) what a decoding step spends its time on."""
+streams, and (on a CPU) what a decoding step spends its time on and what threads do for it, on a quiet machine and
+beside a busy process."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import sys
 import time
 
@@ -11,7 +14,7 @@ import torch
 from _benchmark_training import SHAKESPEARE_ALPHABET, median_step_time, preset_config
 
 from lm.decoding import decode_linear, decoding_matrices
-from lm.generate import generate
+from lm.generate import decoding_threads, generate
 from lm.model import Transformer
 from lm.tokenizer import CharTokenizer
 
@@ -91,6 +94,7 @@ def bench_generation(presets, n_chars: int, precision: str, repeats: int = 3, pa
         row["streams_speedup_range"] = [min(ratios), max(ratios)]
         if not cuda:
             row.update(cpu_decoding_study(model, tokenizer, n_chars, repeats, one))
+            row.update(thread_study(model, tokenizer, n_chars, pairs))
         rows.append(row)
         print(
             f"  generate {preset} {precision}: {row['chars_per_s_cache']:.0f} chars/s eager, "
@@ -121,6 +125,44 @@ def cpu_decoding_study(model: Transformer, tokenizer: CharTokenizer, n_chars: in
         f"uncached; weight pass {row['weight_pass_ms']:.2f} ms ({row['weight_pass_one_stream_ms']:.2f} ms as one "
         f"stream reads them); 8 rows {row['weight_pass_8_rows_ms']:.2f} ms ({row['weight_pass_8_streams_ms']:.2f} "
         "ms as 8 streams read them)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
+
+
+# another process keeping one core busy with matrix products: what a second run beside this one does
+NEIGHBOUR = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
+
+
+@contextlib.contextmanager
+def busy_neighbour():
+    """Runs `NEIGHBOUR` in a process of its own for the duration of the block."""
+    process = subprocess.Popen([sys.executable, "-c", NEIGHBOUR])
+    try:
+        time.sleep(1.0)  # past its start-up, to its busy loop
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def thread_study(model: Transformer, tokenizer: CharTokenizer, n_chars: int, pairs: int) -> dict:
+    """One stream's chars/s on one thread against all the process's threads (torch's default), alternated, on a
+    quiet machine and beside `busy_neighbour`; and the count `lm.generate` picks by the model's size."""
+    threads = torch.get_num_threads()
+    row = {"threads": threads, "threads_picked": decoding_threads(model)}
+    variants = {"one": {"threads": 1}, "all": {"threads": threads}}
+    for setting, beside in (("quiet", contextlib.nullcontext), ("busy", busy_neighbour)):
+        with beside():
+            rates = alternated_chars_per_second(model, tokenizer, n_chars, pairs, variants)
+        row[f"chars_per_s_one_thread_{setting}"] = float(np.median(rates["one"]))
+        row[f"chars_per_s_all_threads_{setting}"] = float(np.median(rates["all"]))
+    print(
+        f"  generate (threads): one thread {row['chars_per_s_one_thread_quiet']:.0f} chars/s quiet, "
+        f"{row['chars_per_s_one_thread_busy']:.0f} beside a busy process; {threads} threads "
+        f"{row['chars_per_s_all_threads_quiet']:.0f} and {row['chars_per_s_all_threads_busy']:.0f}; "
+        f"lm.generate picks {row['threads_picked']}",
         file=sys.stderr,
         flush=True,
     )

@@ -88,6 +88,14 @@ GENERATION_COLUMNS = {
     "weight_pass_8_rows_ms": "a pass with 8 rows, ms",
     "weight_pass_8_streams_ms": "the same as 8 streams read them, ms",
 }
+THREAD_COLUMNS = {
+    "preset": "preset",
+    "threads_picked": "threads lm.generate picks",
+    "chars_per_s_one_thread_quiet": "chars/s, 1 thread, quiet",
+    "chars_per_s_all_threads_quiet": "chars/s, all threads, quiet",
+    "chars_per_s_one_thread_busy": "chars/s, 1 thread, busy neighbour",
+    "chars_per_s_all_threads_busy": "chars/s, all threads, busy neighbour",
+}
 CORPUS_COLUMNS = {
     "prepare_s": "prepare s (once)",
     "open_s": "open s (cached)",

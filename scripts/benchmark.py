@@ -29,6 +29,7 @@ from _benchmark_tables import (
     GENERATION_COLUMNS,
     REFERENCE_COLUMNS,
     RUN_COLUMNS,
+    THREAD_COLUMNS,
     TRAINING_COLUMNS,
     print_table,
 )
@@ -240,6 +241,10 @@ def main() -> None:
         streams = "compiled step" if device == "cuda" else "KV cache"
         columns = {**GENERATION_COLUMNS, "chars_per_s_8_streams": f"chars/s, 8 streams (total, {streams})"}
         print_table(f"Generation of {args.generate_chars} characters (fp32, sampling at temperature 1)", rows, columns)
+        if device == "cpu":
+            threads = torch.get_num_threads()
+            title = f"Decoding threads: one stream, 1 against all {threads}, quiet and beside a busy process"
+            print_table(title, rows, THREAD_COLUMNS)
     if "quality" in args.parts:
         quality_part(args, report)
     if "corpus" in args.parts:

@@ -53,6 +53,13 @@ def test_benchmark_runs_with_the_tiny_preset(tmp_path):
     assert generation["weight_pass_8_rows_ms"] > 0 and generation["weight_pass_8_streams_ms"] > 0
     low, high = generation["streams_speedup_range"]  # the median of the alternated pairs' ratios lies in their range
     assert 0 < low <= generation["streams_speedup"] <= high
+    # decoding threads: one against all, quiet and beside a busy process, and the count lm.generate picks
+    for setting in ("quiet", "busy"):
+        assert (
+            generation[f"chars_per_s_one_thread_{setting}"] > 0 and generation[f"chars_per_s_all_threads_{setting}"] > 0
+        )
+    assert generation["threads_picked"] == 1
+    assert "## Decoding threads" in result.stdout
     assert report["corpus"]["prepare_s"] > 0
     assert "| tiny |" in result.stdout
 

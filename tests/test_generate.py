@@ -202,6 +202,30 @@ def test_prompt_errors_and_empty_prompt():
     assert generate(model, tok, "", 5, seed=0)[0].startswith("\n")
 
 
+def test_decoding_threads_follow_the_models_size_and_training_threads_come_back(monkeypatch):
+    from lm.generate import WEIGHTS_PER_DECODING_THREAD, decoding_threads
+
+    model, tok = random_model("rope"), CharTokenizer(VOCAB)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert decoding_threads(model) == 1 and decoding_threads(model, num_samples=16) == 1
+        seen = []
+        generate(model, tok, "hi", 3, seed=0, on_token=lambda ids: seen.append(torch.get_num_threads()))
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2  # one thread while decoding, then put back
+        generate(model, tok, "hi", 2, seed=0, threads=2, on_token=lambda ids: seen.append(torch.get_num_threads()))
+        assert seen[-2:] == [2, 2]
+        monkeypatch.setattr(model, "num_parameters", lambda: 2 * WEIGHTS_PER_DECODING_THREAD)
+        assert decoding_threads(model) == 2
+        torch.set_num_threads(1)
+        assert decoding_threads(model) == 1  # never more than the process has
+        with pytest.raises(ConfigError, match="threads=0 must be a positive integer"):
+            generate(model, tok, "hi", 2, threads=0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -372,6 +396,7 @@ def test_generate_script_stops_quietly_when_the_reader_of_its_output_quits(train
         (["kv_cache=0"], "error: kv_cache=0 must be true or false."),
         (["exact=perhaps"], "error: exact=perhaps must be true or false."),
         (["compile=sometimes"], "error: compile=sometimes must be true or false."),
+        (["threads=0"], "error: threads=0 must be a positive integer, or auto"),
     ],
 )
 def test_generate_script_bad_input(trained_run, args, message, cli):
