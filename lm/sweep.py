@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lm.files import write_atomically
@@ -286,11 +287,18 @@ _ACTIVE: StopSweepOnSignal | None = None  # the multirun in progress in this pro
 
 
 def end_stopped_sweep() -> None:
-    """In the sweep's own process, once a stop has saved the running job: ends the multirun here, with the line
-    that says how to continue it. No later job is launched (so none leaves a directory), and a sweeper that would
-    go on (Optuna's) neither records the stopped trial as failed nor reports a best trial of a partial search."""
-    if _ACTIVE is not None:
-        _ACTIVE.on_multirun_end(None)
+    """In the sweep's own process, once a stop has saved the running job: ends the multirun here, as Hydra would
+    end it (every callback's `on_multirun_end`, last first: a study's partial report, then the line that says how
+    to continue it). No later job is launched (so none leaves a directory), and a sweeper that would go on
+    (Optuna's) neither records the stopped trial as failed nor reports a best trial of a partial search."""
+    if _ACTIVE is None:
+        return
+    config = _ACTIVE.config
+    for callback in reversed(list(config.hydra.callbacks.values())):
+        if callback._target_ == f"{__name__}.{StopSweepOnSignal.__name__}":
+            _ACTIVE.on_multirun_end(config)  # (exits)
+        else:
+            instantiate(callback).on_multirun_end(config)
 
 
 class StopSweepOnSignal(Callback):
@@ -302,6 +310,7 @@ class StopSweepOnSignal(Callback):
     def __init__(self) -> None:
         self.sweep_dir: Path | None = None
         self.signals: SweepSignals | None = None
+        self.config = None  # the multirun's, for `end_stopped_sweep`
 
     def __getstate__(self) -> dict:
         # launchers send Hydra's callbacks to the jobs' processes (joblib, submitit): the signal thread stays here
@@ -309,7 +318,7 @@ class StopSweepOnSignal(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         global _SWEEP_PROCESS, _ACTIVE
-        _ACTIVE = self
+        _ACTIVE, self.config = self, config
         logging.getLogger(OPTUNA_LOG).addFilter(quiet_optuna_records)
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")):
             import optuna  # its study line repeats the sweeper's "Study name" (optuna sets its own log level)

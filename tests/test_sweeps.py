@@ -312,13 +312,15 @@ def test_a_continued_job_counts_every_sessions_training_time_and_no_pause(tmp_pa
     calls = []
     monkeypatch.setattr(lm.sweep, "stop_signal", lambda sweep_dir: calls.append(1) or 2 * (len(calls) > 6))
     args = [f"data.path={corpus}", *FAST, "trainer.val_check_interval=3", "logger=tensorboard", "trainer.max_steps=9"]
-    stopped_run = cli.train(["-m", *args, *search], tmp_path, check=False)
+    report = "++hydra.callbacks.write_report._target_=lm.commands.WriteReport"  # as a study has
+    stopped_run = cli.train(["-m", *args, *search, report], tmp_path, check=False)
     monkeypatch.undo()
     assert stopped_run.returncode == 130, stopped_run.stderr[-2000:]
     output = stopped_run.stdout + stopped_run.stderr
     # the search ends where it was stopped: no trial recorded as failed, no best trial of a partial search
     assert "Failed experiment" not in output and "Best parameters" not in output and "Traceback" not in output
     assert "continue it with: python scripts/train.py -m resume=" in output
+    assert "interrupted" in (next((tmp_path / "outputs" / "multirun").rglob("results.md"))).read_text()
     sweep = next(p.parent for p in (tmp_path / "outputs" / "multirun").rglob("multirun.yaml"))
     (job,) = [p for p in sweep.iterdir() if p.is_dir()]
     stopped = json.loads((job / "summary.json").read_text())
