@@ -231,7 +231,9 @@ def _child(target, args, retain_memory: bool, queue) -> None:
 def in_child(target, *args, retain_memory: bool = True):
     """Runs target(*args) in a fresh process and returns its result: every measurement starts from the same state
     (an earlier one's heap or caches cannot help or hurt it), and its peak memory is its own."""
-    ctx = multiprocessing.get_context("spawn")
+    # children fork from a server that imported torch and Lightning once: seconds each fresh interpreter would spend
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "lightning", "_benchmark_training"])
     queue = ctx.Queue()
     child = ctx.Process(target=_child, args=(target, args, retain_memory, queue))
     child.start()

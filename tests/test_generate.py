@@ -427,8 +427,8 @@ def test_a_script_without_its_required_checkpoint_says_what_to_pass(script, cli)
     )
 
 
-def test_generate_script_missing_checkpoint(tmp_path):
-    result = run_script("generate.py", f"ckpt={tmp_path / 'missing.ckpt'}", check=False)
+def test_generate_script_missing_checkpoint(tmp_path, cli):
+    result = cli.script("generate.py", f"ckpt={tmp_path / 'missing.ckpt'}", check=False)
     assert result.returncode == 1 and "does not exist; pass ckpt= a .ckpt file or a run directory" in result.stderr
 
 

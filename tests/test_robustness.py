@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, ROOT, TINY, csv_column, last_checkpoint, only_run, run_train, scalars
+from helpers import FAST, ROOT, TINY, csv_column, last_checkpoint, only_run, run_script, run_train, scalars
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon + AdamW is one optimizer: steps count once
@@ -312,19 +312,9 @@ def test_bad_resume_path_creates_nothing(tmp_path, corpus, cli):
     assert list(target.iterdir()) == []
 
 
-def test_full_traceback_on_request(tmp_path):
-    env_result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "train.py"),
-            f"paths.output_dir={tmp_path}",
-            f"data.path={tmp_path / 'missing.txt'}",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "LM_FULL_ERROR": "1"},
-        timeout=300,
-    )
+def test_full_traceback_on_request(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("LM_FULL_ERROR", "1")
+    env_result = cli.train([f"data.path={tmp_path / 'missing.txt'}"], tmp_path, check=False)
     assert env_result.returncode != 0 and "Traceback" in env_result.stderr and "DataError" in env_result.stderr
 
 
@@ -355,19 +345,10 @@ def test_ddp_two_cpu_processes_last_through_many_validations_and_reduce_them_exa
     if clock == "time":
         return  # the reduction is the same on either clock: checked once
     logged = csv_column(run, "val/loss")[-1]
-    evaluation = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "evaluate.py"),
-            f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
-            "precision=32",
-            f"output={tmp_path / 'eval'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    ckpt = run / "checkpoints" / "last.ckpt"
+    evaluation = run_script(
+        "evaluate.py", f"ckpt={ckpt}", "precision=32", f"output={tmp_path / 'eval'}", in_process=True
     )
-    assert evaluation.returncode == 0, evaluation.stderr
     single = float(evaluation.stdout.strip().splitlines()[-1].split("|")[3])
     assert logged == pytest.approx(single, abs=1e-4)
     assert "val/loss=" in result.stderr

@@ -4,13 +4,11 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, TINY, run_train
+from helpers import ROOT, TINY, run_script, run_train
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -157,10 +155,7 @@ def test_a_study_is_one_command_that_ends_with_its_report(tmp_path, corpus, cli)
     failed = add_job("6_model.init-gpt2+seed-3", "gpt2")
     (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "The training loss became nan"}))
     add_job("7_model.init-xavier+seed-3", "xavier")  # no summary.json: still running, or killed
-    compared = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "compare.py"), str(sweep)], capture_output=True, text=True
-    )
-    assert compared.returncode == 0, compared.stderr
+    run_script("compare.py", str(sweep), in_process=True)
     report = (sweep / "results.md").read_text()
     assert re.search(r"\| model.init=gpt2 \| [0-9.]+M \| 2 of 3 \|", report)
     assert "`6_model.init-gpt2+seed-3`: failed: The training loss became nan" in report
@@ -329,10 +324,8 @@ def test_the_context_study_reads_each_model_at_its_length_and_twice_it(tmp_path,
     assert (sweep / "context.png").stat().st_size > 0
 
 
-def test_compare_names_a_missing_sweep_dir(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "compare.py"), str(tmp_path / "nope")], capture_output=True, text=True
-    )
+def test_compare_names_a_missing_sweep_dir(tmp_path, cli):
+    result = cli.script("compare.py", str(tmp_path / "nope"), check=False)
     assert result.returncode == 1 and result.stderr.startswith("error:") and "is not a directory" in result.stderr
 
 

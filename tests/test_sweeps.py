@@ -103,7 +103,7 @@ def test_ctrl_c_stops_a_sweep_and_resume_finishes_it_training_nothing_twice(tmp_
     assert json.loads((interrupted / "summary.json").read_text())["status"] == "interrupted"
     assert "(1 finished, 1 interrupted)" in output
     # compare.py lists each job's state
-    compared = run_script("compare.py", str(sweep))
+    compared = run_script("compare.py", str(sweep), in_process=True)
     assert f"`{interrupted.name}`: interrupted at step {stopped.step}" in compared.stdout
     interrupted_at = torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=False)["fit_seconds"]
 

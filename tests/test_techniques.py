@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, VOCAB, only_run, run_script, run_train
+from helpers import ROOT, VOCAB, only_run, run_train
 from omegaconf import OmegaConf
 
 from lm import generate
@@ -321,10 +321,10 @@ def test_greedy_text_with_the_cache_equals_without_and_goes_past_the_context(pe)
         assert len(text) == len("To be") + 40 and text.startswith("To be")
 
 
-def test_a_modern_run_trains_resumes_evaluates_past_its_context_and_generates(tmp_path, corpus):
+def test_a_modern_run_trains_resumes_evaluates_past_its_context_and_generates(tmp_path, corpus, cli):
     common = [f"data.path={corpus}", "model=tiny", "data.seq_length=32", "data.batch_size=8", "logger=csv"]
     common += ["trainer.val_check_interval=10", "callbacks.text_sample.max_new_tokens=0", *MODERN_OVERRIDES]
-    run_train([*common, "trainer.max_steps=30", "optimizer=muon", "optimizer.lr=1e-2"], tmp_path)
+    cli.train([*common, "trainer.max_steps=30", "optimizer=muon", "optimizer.lr=1e-2"], tmp_path)
     run = only_run(tmp_path / "outputs")
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     saved = checkpoint["transformer_lm"]["model_config"]
@@ -335,10 +335,10 @@ def test_a_modern_run_trains_resumes_evaluates_past_its_context_and_generates(tm
     )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == 30 and summary["metrics"]["val/loss"] < math.log(len(VOCAB))
-    run_train([*common, "trainer.max_steps=40", "optimizer=muon", "optimizer.lr=1e-2", f"resume={run}"], tmp_path)
+    cli.train([*common, "trainer.max_steps=40", "optimizer=muon", "optimizer.lr=1e-2", f"resume={run}"], tmp_path)
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["global_step"] == 40
-    result = run_script(
+    result = cli.script(
         "evaluate.py",
         f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
         "precision=32",
@@ -350,7 +350,7 @@ def test_a_modern_run_trains_resumes_evaluates_past_its_context_and_generates(tm
     assert rows[32]["loss"] == pytest.approx(resumed["metrics"]["val/loss"], abs=1e-3)  # what training logged
     assert 0 < rows[64]["loss"] < 10  # RoPE reads past its training context
     assert "sliding cache" in report["past_context"]["losses"] and result.returncode == 0
-    text = run_script("generate.py", f"ckpt={run}", "prompt=ab", "max_new_tokens=80", "seed=0").stdout
+    text = cli.script("generate.py", f"ckpt={run}", "prompt=ab", "max_new_tokens=80", "seed=0").stdout
     assert len(text.rstrip("\n")) >= 80
 
 
