@@ -1,7 +1,7 @@
 """What the commands print: one `error:` line for a project error, and no library notices a user cannot act on.
 
-Importing this module installs the notice filters below (once per process): every command and every test that
-runs the package's commands sees the same console.
+Importing this module installs the notice filters below (once per process, and the test suite again for each test):
+every command and every test that runs the package's commands sees the same console.
 """
 
 from __future__ import annotations
@@ -17,22 +17,31 @@ from omegaconf.errors import MissingMandatoryValue
 
 from lm.errors import ConfigError, LMError
 
-# Library notices a user of this project cannot act on, printed at every run: Lightning's caution that an
-# IterableDataset with __len__ may miscount under worker processes (ours load batches in the main process), that a
-# run resumed mid-epoch may not see the data it would have (ours draws batch i as a function of the step: exact
-# resume is tested), its deprecation warning about its own use of torch's pytree, and its advertisement for a cloud
-# logger; and under DDP its advice to log val/* and step with sync_dist=True (val/* come from a metric already reduced
-# across processes, and the step is the same on every one: reducing again would cost collectives for the same value).
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val/|step)")
-warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-# On resume, that the run's checkpoint folder holds checkpoints (it is meant to: the run goes on there) and that
-# its CSV log will be deleted (lm.loggers.CSVLogger keeps it and goes on writing it); on a small
-# corpus, that an epoch has fewer batches than the logging interval (logging counts steps across epochs here).
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+
+def quiet_library_warnings() -> None:
+    """Installs the warning filters for library notices a user of this project cannot act on. Called when this
+    module is imported; the test suite calls it again for each test, as pytest resets the filters around every test."""
+    # Printed at every run: Lightning's caution that an IterableDataset with __len__ may miscount under worker
+    # processes (ours load batches in the main process), that a run resumed mid-epoch may not see the data it would
+    # have (ours draws batch i as a function of the step: exact resume is tested), its deprecation warning about its
+    # own use of torch's pytree; and under DDP its advice to log val/* and step with sync_dist=True (val/* come from
+    # a metric already reduced across processes, and the step is the same on every one: reducing again would cost
+    # collectives for the same value).
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val/|step)")
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # On resume, that the run's checkpoint folder holds checkpoints (it is meant to: the run goes on there) and that
+    # its CSV log will be deleted (lm.loggers.CSVLogger keeps it and goes on writing it); on a small
+    # corpus, that an epoch has fewer batches than the logging interval (logging counts steps across epochs here).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+
+
+quiet_library_warnings()
+
+
 # Lightning's start-up lines that our own start line already says better (device, precision) or that concern
 # hardware a run does not use (TPUs, HPUs), and its advertisement for a cloud logger.
 LIGHTNING_NOTICES = (

@@ -193,7 +193,8 @@ class LanguageModel(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         total, count = summed_loss(self.model, *batch)
-        self.val_loss.update(total / count, weight=count)
+        # NaN as inf: the metric would drop a NaN batch (with a warning), and one is enough to call the model diverged
+        self.val_loss.update(torch.nan_to_num(total / count, nan=math.inf), weight=count)
 
     def on_validation_epoch_end(self):
         loss = self.val_loss.compute()  # synchronised across processes

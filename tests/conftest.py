@@ -23,6 +23,16 @@ def corpus(tmp_path) -> Path:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """The commands' warning filters (lm.console), which pytest replaces with its own around every test: installed
+    again before the test's fixtures (a module's trained run included), so the warnings summary lists what a user
+    would see."""
+    from lm.console import quiet_library_warnings
+
+    quiet_library_warnings()
+
+
 @pytest.fixture(autouse=True)
 def no_hydra_state_between_tests():
     """Hydra keeps global state (the composed config, the config search path): each test starts without it."""

@@ -343,6 +343,14 @@ def test_bf16_on_a_cpu_that_only_emulates_it_gets_a_warning(monkeypatch):
     assert hardware.emulated_bf16_warning("bf16-mixed", "cpu") is None
 
 
+def test_lm_cpu_bf16_0_runs_a_bf16_cpu_as_an_fp32_only_one(monkeypatch):
+    from lm import hardware
+
+    monkeypatch.setenv("LM_CPU_BF16", "0")
+    assert not hardware.cpu_supports_bf16() and not hardware.bf16_supported("cpu")
+    assert hardware.resolve_precision("auto", "cpu")[0] == "32-true"
+
+
 @pytest.mark.parametrize("share,expected", [("null", [2, 4, 6, 8, 10, 12]), ("0.0001", [2, 12])])
 def test_text_samples_stay_within_their_share_of_training_time(tmp_path, corpus, share, expected, cli):
     # 0.0001 of a few seconds is less than one 200-character sample: the first validation samples (its cost is not

@@ -220,12 +220,16 @@ def _train_val(plt, jobs: list[JobRecord], labels: list[str], colors: dict):
         val_steps = np.array(group[0].curves["val/loss"].steps[:n])
         val = np.mean([j.curves["val/loss"].values[:n] for j in group], axis=0)
         edges = np.concatenate([[0], val_steps])
-        train = []
+        train = []  # per job, the mean of the batch losses logged since the previous validation (NaN: none)
         for j in group:
             steps, values = np.array(j.curves["train/loss"].steps), np.array(j.curves["train/loss"].values)
-            train.append([values[(steps > a) & (steps <= b)].mean() for a, b in zip(edges, edges[1:], strict=False)])
+            between = [values[(steps > a) & (steps <= b)] for a, b in zip(edges, edges[1:], strict=False)]
+            train.append([part.mean() if part.size else np.nan for part in between])
+        train = np.array(train)
+        logged = ~np.isnan(train).all(axis=0)  # validations after which some job logged a training loss
         ax.plot(val_steps, val, color=colors[label], marker="o", label=f"{label}: validation")
-        ax.plot(val_steps, np.nanmean(train, axis=0), color=colors[label], linestyle="--", label=f"{label}: training")
+        mean = np.nanmean(train[:, logged], axis=0)
+        ax.plot(val_steps[logged], mean, color=colors[label], linestyle="--", label=f"{label}: training")
     title = "Training and validation loss (mean over seeds)"
     return _labelled(fig, ax, title, "step", "loss (nats/char)", legend=dict(fontsize=7, ncol=2))
 
