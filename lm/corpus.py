@@ -141,14 +141,11 @@ def encode_corpus(
     decode_errors: str = "strict",
     encoding: str = "utf-8",
     newlines: str = "normalize",
-    min_characters: int = 1,
 ) -> EncodedCorpus:
     """Encodes a text file to ids once, caches them, and memory-maps the cache.
 
     `encoding` is 'utf-8' (characters) or 'bytes' (each byte one symbol, as enwik8 is read in the literature).
-    `newlines` 'normalize' reads Windows line ends (\r\n) as \n, 'keep' keeps \r as a character of its own. A
-    file of fewer than `min_characters` bytes (an upper bound on its characters) is refused before anything is
-    written.
+    `newlines` 'normalize' reads Windows line ends (\r\n) as \n, 'keep' keeps \r as a character of its own.
 
     The cache sits beside the corpus (or in `cache_dir` when the corpus folder is read-only). A small JSON
     index records the corpus's size, modification time and sha256, so reopening an unchanged corpus costs
@@ -168,11 +165,6 @@ def encode_corpus(
     stat = path.stat()
     if stat.st_size == 0:
         raise DataError(f"The corpus file {path} is empty; give it some text.")
-    if stat.st_size < min_characters:
-        raise DataError(
-            f"The corpus file {path} has {plural(stat.st_size, 'byte')}, so fewer characters than the "
-            f"{min_characters} its splits need; use a longer corpus or a shorter data.seq_length."
-        )
 
     folder = Path(cache_dir_for(path, Path(cache_dir) if cache_dir else path.parent))
     key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
