@@ -279,8 +279,17 @@ OPTUNA_LOG = "hydra_plugins.hydra_optuna_sweeper._impl"
 
 def quiet_optuna_records(record: logging.LogRecord) -> bool:
     """A filter for the Optuna sweeper's log: a trial that returned no value was stopped or failed, and the job
-    said which in its own words, so the sweeper's "Return value must be float-castable. Got 'None'" goes."""
-    return not str(record.msg).startswith("Failed experiment: Return value must be float-castable. Got 'None'")
+    said which in its own words, so the sweeper's "Return value must be float-castable. Got 'None'" goes.
+
+    Where the trials run in other processes (joblib, submitit), that line is also the first thing the sweep's own
+    process does after a batch that was stopped: the search ends there (`end_stopped_sweep`), where the sweeper
+    would go on launching trials that do not start, then name a best trial of a partial search, or fail with "No
+    trials are completed yet". The sweeper offers no other hook between a batch and its bookkeeping."""
+    if not str(record.msg).startswith("Failed experiment: Return value must be float-castable. Got 'None'"):
+        return True
+    if _ACTIVE is not None and _ACTIVE.sweep_dir is not None and stop_signal(_ACTIVE.sweep_dir):
+        end_stopped_sweep()  # (exits)
+    return False
 
 
 _ACTIVE: StopSweepOnSignal | None = None  # the multirun in progress in this process, if any

@@ -167,6 +167,27 @@ def test_ctrl_c_stops_every_job_of_a_parallel_sweep(tmp_path, corpus, launcher):
     assert sum(s.step >= 3 for s in states if s.step is not None) >= 2, "the two running jobs went on from there"
 
 
+def test_ctrl_c_ends_an_optuna_search_whose_trials_run_in_parallel(tmp_path, corpus):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    # two trials at a time in joblib's workers: the sweeper would go on launching trials that do not start, then
+    # name a best trial or fail with "No trials are completed yet"; the search ends after the stopped batch instead
+    args = ["hparams_search=optuna_lr", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
+    args += ["hydra.sweeper.n_trials=6", "trainer.max_steps=3000"]
+    log_path = tmp_path / "sweep.txt"
+    with open(log_path, "w") as log:
+        process = start_sweep(tmp_path, corpus, args, log)
+        jobs = lambda: list((tmp_path / "outputs").glob("multirun/optuna_lr/*/*_optimizer.lr-*"))  # noqa: E731
+        wait_for(lambda: sum(steps_logged(j) >= 3 for j in jobs()) >= 2, process)
+        code = interrupt(process, signal.SIGINT)
+    output = log_path.read_text()
+    assert code == 130, output[-3000:]
+    for noise in ("Traceback", "Failed experiment", "Best parameters", "No trials are completed"):
+        assert noise not in output, output[-3000:]
+    assert "continue it with: python scripts/train.py -m resume=" in output
+    assert [job_state(j).state for j in jobs()] == ["interrupted", "interrupted"]
+
+
 def test_a_job_that_fails_on_its_own_does_not_stop_the_sweep(tmp_path, corpus, cli):
     # n_head=3 does not divide n_embd=32: that job fails; the other still runs, and the sweep exits 0
     result = cli.train(["-m", f"data.path={corpus}", *FAST, "trainer.max_steps=4", "model.n_head=2,3"], tmp_path)
