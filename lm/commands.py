@@ -12,7 +12,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lm.checkpoint import CHECKPOINT_KEY, find_checkpoint, load_model, read_checkpoint
+from lm.checkpoint import CHECKPOINT_KEY, as_override, find_checkpoint, load_model, read_checkpoint
 from lm.config import PROJECT_ROOT
 from lm.corpus import ENCODINGS, encode_corpus
 from lm.data import split_bounds
@@ -42,7 +42,7 @@ def generate_text(cfg: DictConfig) -> None:
     print(
         f"[generate] {model.config.n_layer} layers x {model.config.n_embd}, "
         f"{model.config.pos_encoding.name} positions, context {model.config.seq_length}, {on}, "
-        f"kv_cache={str(cfg.kv_cache).lower()}, compile={str(cfg.compile).lower()}, exact={str(cfg.exact).lower()}",
+        + ", ".join(as_override(key, cfg[key]) for key in ("kv_cache", "compile", "exact")),
         file=sys.stderr,
         flush=True,
     )
