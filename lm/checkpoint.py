@@ -61,14 +61,26 @@ def read_checkpoint(path: str | Path, map_location="cpu", fix: str = COMMAND_LIN
     return checkpoint, path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, CharTokenizer]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", rope_scaling: dict | None = None
+) -> tuple[Transformer, CharTokenizer]:
     """Loads a trained model (in eval mode) and its tokenizer from a checkpoint file or run directory.
+
+    `rope_scaling` applies a RoPE context extension to it without retraining: {"scaling": "yarn", "scaling_factor":
+    4.0, "original_length": 128}; a None or missing value keeps the checkpoint's.
 
     >>> model, tokenizer = load_model("outputs/runs/<run>/")          # doctest: +SKIP
     """
     checkpoint, path = read_checkpoint(path, map_location=device, fix="give load_model a .ckpt file or a run directory")
     meta = checkpoint[CHECKPOINT_KEY]
     model = Transformer(TransformerConfig(**meta["model_config"]))
+    if rope_scaling and any(value is not None for value in rope_scaling.values()):
+        pe = model.config.pos_encoding
+        model.extend_context(
+            rope_scaling.get("scaling") or pe.scaling,
+            rope_scaling.get("scaling_factor") or pe.scaling_factor,
+            rope_scaling.get("original_length") or pe.original_length,
+        )
     prefix = "model."
     state = {
         key[len(prefix) :].replace("_orig_mod.", ""): value  # torch.compile wraps the model as _orig_mod
@@ -92,8 +104,10 @@ def _model_settings(config: dict) -> dict[str, object]:
             continue
         if key == "pos_encoding":
             settings["pos_encoding"] = value["name"]
-            if value["name"] == "rope":
+            if value["name"] in ("rope", "xpos"):
                 settings["model.pos_encoding.base"] = value["base"]
+            if value["name"] == "rope":  # its context extension (scaling) may change: it shapes no weight
+                settings["model.pos_encoding.rotary_fraction"] = value["rotary_fraction"]
         elif key == "seq_length":
             settings["data.seq_length"] = value
         else:
@@ -131,6 +145,8 @@ def check_resumable(
     # through TransformerConfig: a checkpoint written before an option existed reads that option's default
     theirs = _model_settings(TransformerConfig(**meta["model_config"]).to_dict())
     ours = _model_settings(config.to_dict())
+    if not continuing and config.pos_encoding.name != "learned":  # fine-tuning at another length: no weight is
+        theirs.pop("data.seq_length"), ours.pop("data.seq_length")  # per position (learned ones are)
     if differ := [key for key in ours if theirs.get(key) != ours[key]]:
         # only the checkpoint's own keys: its pos_encoding= choice brings that encoding's settings (and no others)
         was = " ".join(as_override(key, theirs[key]) for key in differ if key in theirs)

@@ -49,6 +49,8 @@ def command_line(script: str, argv: list[str]) -> list[str]:
 
 # the training config groups that shape a model: a checkpoint fixes them, so generate.py and evaluate.py take none
 MODEL_GROUPS = ("model", "pos_encoding", "variant")
+# except RoPE's context extension, which a trained model takes without retraining (lm.model.Transformer.extend_context)
+CONTEXT_EXTENSION = tuple(f"model.pos_encoding.{key}" for key in ("scaling", "scaling_factor", "original_length"))
 
 
 def refuse_model_settings(script: str, argv: list[str]) -> None:
@@ -60,10 +62,12 @@ def refuse_model_settings(script: str, argv: list[str]) -> None:
     for arg in argv[1:]:
         if arg.startswith("-") and not arg.startswith("~"):
             continue
-        if override_key(arg).split(".", 1)[0] in MODEL_GROUPS:
+        key = override_key(arg)
+        if key.split(".", 1)[0] in MODEL_GROUPS and not (key in CONTEXT_EXTENSION and not arg.startswith(("+", "~"))):
             print(
-                f"error: {arg}: the model's settings come from its checkpoint, so {script}.py cannot change them; "
-                "set them when training (scripts/train.py), or fine-tune a new run from the checkpoint with "
+                f"error: {arg}: the model's settings come from its checkpoint, so {script}.py cannot change them "
+                f"(only RoPE's context extension: {', '.join(k + '=' for k in CONTEXT_EXTENSION)}); set them when "
+                "training (scripts/train.py), or fine-tune a new run from the checkpoint with "
                 "scripts/train.py ckpt_path=<checkpoint> and the settings it takes.",
                 file=sys.stderr,
             )

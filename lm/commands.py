@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lm.checkpoint import CHECKPOINT_KEY, as_override, find_checkpoint, load_model, read_checkpoint
 from lm.config import PROJECT_ROOT
@@ -34,14 +34,16 @@ def generate_text(cfg: DictConfig) -> None:
     if cfg.threads != "auto" and not is_count(cfg.threads):
         raise ConfigError(f"threads={cfg.threads} must be a positive integer, or auto (by the model's size).")
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(find_checkpoint(cfg.ckpt), device=device)  # the command line's error wording
+    extension = OmegaConf.to_container(cfg.model.pos_encoding)
+    # the command line's error wording
+    model, tokenizer = load_model(find_checkpoint(cfg.ckpt), device=device, rope_scaling=extension)
     threads = None if cfg.threads == "auto" else cfg.threads
     on = f"on {device}"
     if device == "cpu":
         on += f" ({threads or decoding_threads(model, cfg.num_samples)} threads)"
     print(
         f"[generate] {model.config.n_layer} layers x {model.config.n_embd}, "
-        f"{model.config.pos_encoding.name} positions, context {model.config.seq_length}, {on}, "
+        f"{positions_summary(model)}, context {model.config.seq_length}, {on}, "
         + ", ".join(as_override(key, cfg[key]) for key in ("kv_cache", "compile", "exact")),
         file=sys.stderr,
         flush=True,
@@ -91,6 +93,16 @@ def generate_text(cfg: DictConfig) -> None:
         f"[generate] {total} characters in {elapsed:.2f} s ({total / max(elapsed, 1e-9):.0f} chars/s), seed {seed}",
         file=sys.stderr,
         flush=True,
+    )
+
+
+def positions_summary(model) -> str:
+    """`rope positions`, or with a context extension `rope positions (yarn x4 of 128)`."""
+    pe = model.config.pos_encoding
+    if pe.scaling is None:
+        return f"{pe.name} positions"
+    return (
+        f"{pe.name} positions ({pe.scaling} x{pe.scaling_factor:g} of {pe.original_length or model.config.seq_length})"
     )
 
 
@@ -175,6 +187,9 @@ def report_stem(ckpt_path: Path, cfg: DictConfig, lengths: list[int]) -> Path:
         parts.append("ctx" + "-".join(str(n) for n in lengths))
     if cfg.past_context:
         parts.append(f"past{cfg.past_context}")
+    extension = cfg.model.pos_encoding
+    if extension.scaling is not None:  # yarn, or yarn4 with a fixed factor
+        parts.append(f"{extension.scaling}{extension.scaling_factor or ''}")
     return ckpt_path.parent / ".".join(parts)
 
 
@@ -186,7 +201,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
     checkpoint, ckpt_path = read_checkpoint(cfg.ckpt)
     data_info = checkpoint[CHECKPOINT_KEY].get("data", {})
     del checkpoint
-    model, tokenizer = load_model(ckpt_path, device=device)
+    extension = OmegaConf.to_container(cfg.model.pos_encoding)
+    model, tokenizer = load_model(ckpt_path, device=device, rope_scaling=extension)
 
     ids, split = evaluation_text(cfg, data_info, tokenizer, ckpt_path)
 
@@ -205,7 +221,15 @@ def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
     )
     # generation's ways of going on past the context, in float32; first, so a split too short fails at once
     losses = past_context_losses(model, ids, past_context, PAST_CONTEXT_STREAMS) if past_context else None
-    results = [evaluate(model, ids, n, cfg.data.batch_size, dtype) for n in lengths]
+    results = []
+    for n in lengths:
+        if extension["scaling"] is not None and extension["scaling_factor"] is None:  # the factor n needs
+            pe = model.config.pos_encoding
+            original = pe.original_length or model.config.seq_length
+            model.extend_context(pe.scaling, max(1.0, n / original), pe.original_length)
+        results.append(evaluate(model, ids, n, cfg.data.batch_size, dtype))
+        if model.config.pos_encoding.scaling is not None and results[-1].loss is not None:
+            results[-1].note = positions_summary(model).split("(", 1)[1].rstrip(")")
     table = results_table(results, model.config.seq_length)
     print(table)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.model import Block, CausalSelfAttention, KVCache, Transformer, decoding_positions
+from lm.model import UNFILLED, Block, CausalSelfAttention, KVCache, Transformer, decoding_positions
 from lm.positional import SinusoidalPositionalEncoding
 
 
@@ -30,24 +30,37 @@ def attention_step(
 ) -> torch.Tensor:
     """`residual + attn(h)` for one new position per row (h, residual: (B, C)) whose key and value go to the
     cache's `slot` (a 0-d tensor), attending to the cache's first L slots with the additive mask `visible`,
-    (1, 1, L) or per head (B * H, 1, L) with ALiBi's bias: 0 (or the bias) or -inf; `rotation` is RoPE's
-    (3, D, D) for this position."""
+    (1, 1, L) or per head (B * H_kv, group, L) with a relative bias: 0 (or the bias) or -inf; `rotation` is the
+    rotation's (3, D, D) for this position (RoPE, xPos). With grouped-query attention, each key/value head's
+    group of queries meets its keys in one product."""
     B, C = h.shape
-    qkv = decode_linear(h, attn.qkv, cache.matrices.get(attn.qkv)).view(B, 3, attn.n_head, attn.head_dim)
-    if attn.q_norm is not None:  # QK-norm, before the rotation
-        q, k, v = qkv.unbind(1)
-        qkv = torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=1)
-    if rotation is not None:  # q and k rotated, v as it was: one product (rows of all samples, not a broadcast
-        # of `rotation` over the batch, which would copy it B times)
-        rows = qkv.transpose(0, 1).reshape(3, B * attn.n_head, attn.head_dim)
-        qkv = torch.bmm(rows, rotation).view(3, B, attn.n_head, attn.head_dim).transpose(0, 1)
+    H, H_kv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    qkv = decode_linear(h, attn.qkv, cache.matrices.get(attn.qkv))
+    if H_kv == H:
+        qkv = qkv.view(B, 3, H, D)
+        if attn.q_norm is not None:  # QK-norm, before the rotation
+            q, k, v = qkv.unbind(1)
+            qkv = torch.stack([attn.q_norm(q), attn.k_norm(k), v], dim=1)
+        if rotation is not None:  # q and k rotated, v as it was: one product (rows of all samples, not a broadcast
+            # of `rotation` over the batch, which would copy it B times)
+            rows = qkv.transpose(0, 1).reshape(3, B * H, D)
+            qkv = torch.bmm(rows, rotation).view(3, B, H, D).transpose(0, 1)
+        q, kv_new = qkv[:, 0], qkv[:, 1:]
+    else:
+        q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=1)
+        q, k, v = q.view(B, H, D), k.view(B, H_kv, D), v.view(B, H_kv, D)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        if rotation is not None:
+            q, k = q @ rotation[0], k @ rotation[1]
+        kv_new = torch.stack([k, v], dim=1)
     kv = cache.kv[attn.layer]
-    kv.index_copy_(3, slot.view(1), qkv[:, 1:].transpose(0, 1).unsqueeze(3))  # this key and value
+    kv.index_copy_(3, slot.view(1), kv_new.transpose(0, 1).unsqueeze(3))  # this key and value
     # one query per head: three small products beat the fused kernel's fixed cost here (~30 vs ~100 us)
     span = visible.shape[-1]  # the slots attended to: the filled ones, or the whole cache when compiled
-    keys, values = (t.view(B * attn.n_head, -1, attn.head_dim)[:, :span] for t in kv)
-    q = qkv[:, 0].reshape(B * attn.n_head, 1, attn.head_dim)
-    scores = torch.baddbmm(visible, q, keys.transpose(1, 2), alpha=attn.head_dim**-0.5)
+    keys, values = (t.view(B * H_kv, -1, D)[:, :span] for t in kv)
+    q = q.reshape(B * H_kv, H // H_kv, D)
+    scores = torch.baddbmm(visible, q, keys.transpose(1, 2), alpha=D**-0.5)
     y = torch.bmm(scores.softmax(dim=-1), values)
     return decode_linear(y.view(B, C), attn.proj, cache.matrices.get(attn.proj), residual)
 
@@ -159,23 +172,34 @@ def decoding_matrices(
 
 def sliding_cache(model: Transformer) -> bool:
     """Whether decoding can go on past the context in the same KV cache, a ring buffer of the most recent
-    `seq_length` positions. With RoPE or ALiBi a score depends only on the distance between query and key, so
-    a key keeps its meaning when older ones are dropped; absolute positions stop at `seq_length`, and without
-    any encoding the model may count from the start of its context, so those rebuild the cache instead."""
-    return model.rope is not None or model.alibi is not None
+    positions (after the attention sinks). With RoPE (at a static scale), ALiBi or T5's bias a score depends only
+    on the distance between query and key, so a key keeps its meaning when older ones are dropped; absolute
+    positions stop at `seq_length`, xPos's scales and FIRE's normaliser grow with the absolute position, and
+    without any encoding the model may count from the start of its context, so those rebuild the cache instead."""
+    name = model.config.pos_encoding.name
+    return name in ("rope", "alibi", "t5")
+
+
+def cache_length(model: Transformer) -> int:
+    """The slots generation's KV cache needs: the context, or with a sliding window (and a cache that slides) only
+    the sinks and the window, however long the text."""
+    config = model.config
+    if config.windowed and sliding_cache(model):
+        return min(config.seq_length, config.attention_sinks + config.attention_window)
+    return config.seq_length
 
 
 def rewind_cache(model: Transformer, cache: KVCache) -> None:
-    """Moves every position in a full sliding cache back by `cache.max_length` (RoPE's keys rotated back by that
-    many positions; ALiBi's bias follows distances and needs nothing), so positions stay below 2 x max_length
-    however long the text. Called when `cache.length` reaches 2 x max_length: by then every key was written
-    since the last call, so none is rotated twice."""
+    """Moves every position in a full sliding cache back by the ring's length (RoPE's keys rotated back by that many
+    positions; a bias follows distances and needs nothing), so positions stay below 2 x max_length however long
+    the text, and each position keeps its slot."""
+    ring = cache.max_length - cache.sinks
     if model.rope is not None:
-        rotations = model.rope.decoding_rotations(decoding_positions(cache.max_length), cache.kv[0].dtype)
-        back = rotations[cache.max_length, 1].T  # a rotation's inverse is its transpose
+        back = model.rope.shift_back(ring, cache.kv[0].dtype)
         for kv in cache.kv:
             kv[0].copy_(kv[0] @ back)
-    cache.length -= cache.max_length
+    cache.slot_positions.sub_(ring)
+    cache.length -= ring
 
 
 def decode_step(model: Transformer, ids: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -194,22 +218,27 @@ def decode_step(model: Transformer, ids: torch.Tensor, position: torch.Tensor, c
         x = x + model.position.weight.index_select(0, at)
     rotation = None
     if model.rope is not None:
-        table = model.rope.decoding_rotations(decoding_positions(cache.max_length), x.dtype)
+        table = model.rope.decoding_rotations(decoding_positions(cache.max_length), x.dtype, cache.max_length)
         rotation = table.index_select(0, at).squeeze(0)
-    slot = position % cache.max_length  # past max_length, a sliding cache's oldest slot
+    slot = cache.slot(position)  # past max_length, a sliding cache's oldest slot after the sinks
+    cache.slot_positions.index_copy_(0, slot.view(1), at)
     # the slots attended to; eager, the filled ones (the position's, and those before it or, once the cache has
     # slid, all): at batch 8, a quarter of a step's time goes to reading keys and values
     span = cache.max_length if torch.compiler.is_compiling() else min(cache.length + 1, cache.max_length)
-    slots = cache.positions[:span]
-    # 0 where a key is visible, -inf on a slot not yet filled: built once per step, added to every layer's scores
-    if model.alibi is not None:  # with ALiBi's bias, per head: (B * H, 1, span), the attention products' layout
-        # each filled slot's position: the most recent one at or before `position` that maps to it
-        keys_at = torch.where(slots > position, slots, position - (position - slots) % cache.max_length)
-        bias = model.alibi.bias(position.view(1), keys_at, x.dtype)  # (H, 1, span), -inf on the unfilled slots
-        visible = bias.expand(x.shape[0], *bias.shape).reshape(-1, 1, bias.shape[-1])
+    keys_at = cache.slot_positions[:span]  # each slot's position
+    config = model.config
+    seen = (keys_at > UNFILLED) & (keys_at <= position)
+    if config.windowed:
+        seen &= (position - keys_at < config.attention_window) | (keys_at < cache.sinks)
+    # 0 where a key is visible, -inf elsewhere: built once per step, added to every layer's scores
+    hidden = torch.zeros_like(keys_at, dtype=x.dtype).masked_fill_(~seen, -math.inf)
+    if model.relative_bias is not None:  # per head, in the attention products' layout: (B * H_kv, group, span)
+        bias = model.relative_bias.bias(at, keys_at.clamp(min=UNFILLED // 2), x.dtype)
+        bias = bias.masked_fill(~seen, -math.inf)  # (H, 1, span)
+        H_kv = config.kv_heads
+        visible = bias.view(H_kv, -1, span).expand(x.shape[0], H_kv, -1, span).reshape(-1, config.n_head // H_kv, span)
     else:
-        visible = torch.zeros_like(slots, dtype=x.dtype).masked_fill_(slots > position, -math.inf)
-        visible = visible.view(1, 1, -1)
+        visible = hidden.view(1, 1, -1)
     for block in model.blocks:
         x = block_step(block, x, slot, visible, rotation, cache)
     return model.cap_logits(decode_linear(model.ln_f(x), model.head, cache.matrices.get(model.head)))

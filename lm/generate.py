@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from lm.decoding import decode_step, decoding_matrices, rewind_cache, sliding_cache
+from lm.decoding import cache_length, decode_step, decoding_matrices, rewind_cache, sliding_cache
 from lm.errors import ConfigError, is_count, is_number
 from lm.model import KVCache, Transformer, decoding_positions
 from lm.tokenizer import CharTokenizer
@@ -101,7 +101,8 @@ def prepared_decode_step(model: Transformer, compile: bool = False) -> Callable:
     position and the cache's tensors keep their addresses (`KVCache` marks them static), so one graph replays at
     every step."""
     if model.rope is not None:  # built outside the compiled region
-        model.rope.decoding_rotations(decoding_positions(model.config.seq_length), model.token_embedding.weight.dtype)
+        slots = cache_length(model)
+        model.rope.decoding_rotations(decoding_positions(slots), model.token_embedding.weight.dtype, slots)
     step = functools.partial(decode_step, model)
     if not compile:
         return step
@@ -145,18 +146,19 @@ class NextCharacterLogits:
         model, context_length, cache = self.model, self.model.config.seq_length, self.cache
         if not self.kv_cache:
             return model(tokens[:, max(0, length - context_length) : length])[:, -1]
-        if cache is None or (cache.length >= context_length and not self.sliding):
+        if cache is None or (cache.length >= cache.max_length and not self.sliding):
             # a full cache that cannot slide is rebuilt from the most recent half context (a longer prompt likewise)
             keep = context_length // 2
             if cache is None and (length <= context_length or self.sliding):
                 keep = min(length, context_length)
             dtype, device = model.token_embedding.weight.dtype, tokens.device
-            self.cache = KVCache(model.config, self.batch, context_length, device, dtype, self.matrices)
+            slots = cache_length(model) if self.sliding else context_length  # a windowed model's: its window
+            self.cache = KVCache(model.config, self.batch, slots, device, dtype, self.matrices)
             # the step reads the newest characters from a buffer of its own: a column of `tokens` would have strides
             # that depend on the text's length, and a compiled step would be recompiled for each length
             self.newest = torch.empty(self.batch, dtype=torch.long, device=device)
             return model(tokens[:, length - keep : length], self.cache)[:, -1]
-        if cache.length == decoding_positions(context_length):
+        if cache.length == decoding_positions(cache.max_length):
             rewind_cache(model, cache)
         logits = self.step(self.newest.copy_(tokens[:, length - 1]), cache.positions[cache.length], cache)
         cache.length += 1

@@ -47,7 +47,8 @@ class RotaryHeads(torch.autograd.Function):
     The same as `rope(qkv[:, :, :2], seq_dim=1)`, unbind and reshape, but the rotation writes straight into the
     head-major layout the attention's matrix products want: two passes over q and k instead of about nine (rotate
     half's negation and concatenation, the products, the sum, the layout copy; the same again backward).
-    cos, sin: (T, D) tables as `RotaryEmbedding` builds them (both halves equal), or None for no rotation.
+    cos, sin: (T, D) tables as `RotaryEmbedding` builds them (both halves equal), or (2, T, D) with the query's and
+    the key's apart (xPos), or None for no rotation.
     q_weight, k_weight: with QK-norm, the gains of RMSNorm over each head's query and key, applied before the
     rotation (lm/fused.py's passes), else None.
     """
@@ -68,7 +69,7 @@ class RotaryHeads(torch.autograd.Function):
                 if source.data_ptr() != target.data_ptr():
                     target.copy_(source)
             else:  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with the halves' shared angles
-                rotate(source, target, cos, sin)
+                rotate(source, target, *for_query_or_key(cos, sin, i))
         ctx.normalized = q_weight is not None
         ctx.save_for_backward(cos, sin, *((qkv, q_weight, k_weight, *scales) if ctx.normalized else ()))
         ctx.shape = qkv.shape
@@ -85,7 +86,8 @@ class RotaryHeads(torch.autograd.Function):
             normalized = i < 2 and ctx.normalized
             if normalized and cos is not None:  # un-rotate first, then back through the norm
                 unrotated = torch.empty_like(source, memory_format=torch.contiguous_format)
-                rotate(source, unrotated, cos, -sin)
+                c, s = for_query_or_key(cos, sin, i)
+                rotate(source, unrotated, c, -s)
                 source = unrotated
             if normalized:
                 qkv, q_weight, k_weight, q_scale, k_scale = normalization
@@ -95,8 +97,14 @@ class RotaryHeads(torch.autograd.Function):
             elif cos is None or i == 2:
                 target.copy_(source)
             else:  # the transpose of a rotation is the rotation by the opposite angle
-                rotate(source, target, cos, -sin)
+                c, s = for_query_or_key(cos, sin, i)
+                rotate(source, target, c, -s)
         return dqkv, None, None, *d_weights
+
+
+def for_query_or_key(cos: torch.Tensor, sin: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (T, D) tables for the query (i = 0) or the key (1): shared, or xPos's (2, T, D) apart."""
+    return (cos, sin) if cos.dim() == 2 else (cos[i], sin[i])
 
 
 def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -118,13 +126,14 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 class BlockCausalAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(D) + causal mask), dropout, times v; forward and backward written out for the CPU.
 
-    q, k, v: (N, T, D), N = batch x heads. `bias`: None (causal), or an additive mask (H, T, T) with -inf on future
-    keys, such as ALiBi's; it has no gradient. Query rows go in blocks of `block`, and each block meets only the
-    keys up to its last row, so the masked-out upper triangle is mostly never computed: (1 + block / T) / 2 of the T
-    x T scores are (5/8 at T = 256). Everything runs in q's dtype, as fused kernels do: under autocast the softmax
-    would otherwise run in fp32, casting the largest tensors of the model to fp32 and back. Backward uses the
-    flash-attention identity rowsum(dP * P) = rowsum(dy * y), a sum over D instead of T. Saves the probabilities and
-    the kept probabilities of each block (no dropout: the probabilities once).
+    q, k, v: (N, T, D), N = batch x heads. `bias`: None (causal), or an additive mask (H, T, T) (or (1, T, T) for
+    every head) with -inf on future keys, such as ALiBi's; a learned one (T5's, FIRE's) gets its gradient. Query rows
+    go in blocks of `block`, and each block meets only the keys up to its last row, so the masked-out upper triangle
+    is mostly never computed: (1 + block / T) / 2 of the T x T scores are (5/8 at T = 256). Everything runs in q's
+    dtype, as fused kernels do: under autocast the softmax would otherwise run in fp32, casting the largest tensors
+    of the model to fp32 and back. Backward uses the flash-attention identity rowsum(dP * P) = rowsum(dy * y), a sum
+    over D instead of T. Saves the probabilities and the kept probabilities of each block (no dropout: the
+    probabilities once).
     """
 
     @staticmethod
@@ -150,6 +159,7 @@ class BlockCausalAttention(torch.autograd.Function):
                 outputs.append(torch.baddbmm(probs.new_empty(()), kept, v[:, :end], beta=0, alpha=scale))
             y = torch.cat(outputs, dim=1)
         ctx.dropout_scale, ctx.block, ctx.per_block = scale, block, 2 if dropout_p > 0 else 1
+        ctx.bias = (bias.shape, bias.dtype) if bias is not None else None
         ctx.save_for_backward(q, k, v, y, *saved)
         return y
 
@@ -163,6 +173,11 @@ class BlockCausalAttention(torch.autograd.Function):
             # rowsum(dP * P) = rowsum(dy * y): with dP = scale * d_kept * mask, the scale is folded in below
             rowsum = torch.linalg.vecdot(dy, y).unsqueeze(-1) / scale
             dq, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
+            d_bias = None
+            if (
+                ctx.bias is not None and ctx.needs_input_grad[5]
+            ):  # a learned bias: the scores' gradient, summed over the batch
+                d_bias = torch.zeros(ctx.bias[0], dtype=q.dtype, device=q.device)
             per_block = ctx.per_block
             for i, start in enumerate(range(0, T, ctx.block)):
                 end = min(start + ctx.block, T)
@@ -172,7 +187,10 @@ class BlockCausalAttention(torch.autograd.Function):
                 # d(scores) / scale = P * (dP - rowsum(dP * P)) / scale, with P * mask = kept
                 d_scores = torch.bmm(dy_block, v[:, :end].transpose(1, 2)).mul_(kept)
                 d_scores.addcmul_(probs, rowsum[:, start:end], value=-1)
+                if d_bias is not None:
+                    H = d_bias.shape[0]
+                    d_bias[:, start:end, :end] += d_scores.view(-1, H, end - start, end).sum(0).mul_(scale)
                 dq.append(torch.baddbmm(d_scores.new_empty(()), d_scores, k[:, :end], beta=0, alpha=scale * D**-0.5))
                 dk[:, :end].baddbmm_(d_scores.transpose(1, 2), q[:, start:end], alpha=scale * D**-0.5)
             dq = torch.cat(dq, dim=1)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, d_bias.to(ctx.bias[1]) if d_bias is not None else None

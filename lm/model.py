@@ -20,16 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.errors import ConfigError, is_count
+from lm.errors import ConfigError, is_count, is_number
 from lm.fused import RMS_EPS, relu2, rms_norm, swiglu
 from lm.kernels import ATTENTION_BLOCK, BlockCausalAttention, RotaryHeads, byte_dropout
 from lm.positional import (
+    FIRE,
     POSITIONAL_ENCODINGS,
+    ROPE_SCALINGS,
+    ROTATIONS,
     ALiBi,
     ContextTooLongError,
     LearnedPositionalEmbedding,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
+    T5RelativeBias,
+    XPos,
+    window_mask,
 )
 
 __all__ = ["POSITIONAL_ENCODINGS", "ContextTooLongError", "KVCache", "Transformer", "TransformerConfig"]
@@ -42,10 +48,51 @@ MLPS = ("gelu", "relu", "relu2", "swiglu")
 
 @dataclass
 class PositionalEncodingConfig:
-    """Which positional encoding to use; `base` is RoPE's frequency base (ignored by the others)."""
+    """Which positional encoding to use, and RoPE's settings (the others ignore them; xPos takes `base`): its
+    frequency base, the share of each head's channels that rotate, and a context extension (`scaling` by
+    `scaling_factor` past `original_length`, the training length when null: lm.positional.rope_frequencies)."""
 
     name: str = "rope"
     base: float = 10000.0
+    rotary_fraction: float = 1.0
+    scaling: str | None = None  # null | linear | ntk | dynamic | yarn
+    scaling_factor: float = 1.0
+    original_length: int | None = None
+
+    def check(self, head_dim: int) -> None:
+        """Raises a ConfigError naming the setting that makes no sense."""
+        if self.name not in POSITIONAL_ENCODINGS:
+            raise ConfigError(f"pos_encoding={self.name!r} is not one of {', '.join(POSITIONAL_ENCODINGS)}.")
+        if not is_positive_number(self.base) or self.base <= 1:
+            raise ConfigError(f"model.pos_encoding.base={self.base} must be a number above 1.")
+        fraction = self.rotary_fraction
+        if not is_positive_number(fraction) or fraction > 1:
+            raise ConfigError(f"model.pos_encoding.rotary_fraction={fraction} must be in (0, 1].")
+        if self.name in ROTATIONS and (int(head_dim * fraction) % 2 or int(head_dim * fraction) < 2):
+            raise ConfigError(
+                f"RoPE rotates channel pairs, but rotary_fraction={fraction} of the head size {head_dim} is "
+                f"{head_dim * fraction:g} channels; pick sizes that make it an even number, at least 2."
+            )
+        if self.scaling not in (None, *ROPE_SCALINGS):
+            raise ConfigError(
+                f"model.pos_encoding.scaling={self.scaling} is not one of null, {', '.join(ROPE_SCALINGS)}."
+            )
+        if self.scaling is not None and self.name != "rope":
+            raise ConfigError(
+                f"model.pos_encoding.scaling={self.scaling} extends RoPE's context, but pos_encoding={self.name}; "
+                "use pos_encoding=rope, or leave scaling null."
+            )
+        if not is_positive_number(self.scaling_factor) or self.scaling_factor < 1:
+            raise ConfigError(f"model.pos_encoding.scaling_factor={self.scaling_factor} must be a number >= 1.")
+        if self.original_length is not None and not is_count(self.original_length):
+            raise ConfigError(
+                f"model.pos_encoding.original_length={self.original_length} must be a positive integer, or null "
+                "for the training length."
+            )
+
+
+def is_positive_number(value) -> bool:
+    return is_number(value) and value > 0
 
 
 @dataclass
@@ -61,6 +108,10 @@ class TransformerConfig:
     bias: bool = False
     init: str = "gpt2"
     pos_encoding: PositionalEncodingConfig = field(default_factory=PositionalEncodingConfig)
+    # attention's cost: grouped-query attention, and a sliding window with attention sinks (docs/configuration.md)
+    n_kv_head: int | None = None  # key/value heads, dividing n_head (1: multi-query); null: n_head
+    attention_window: int | None = None  # W: each query sees the last W positions (itself included); null: all
+    attention_sinks: int = 0  # with a window, the first S positions stay visible to every query (StreamingLLM)
     # the techniques since GPT-2's block; these defaults are GPT-2's, and a checkpoint without them reads them so
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre (GPT-2) | post (the 2017 Transformer: the norm after each residual addition)
@@ -70,7 +121,7 @@ class TransformerConfig:
     logit_softcap: float | None = None  # c: logits become c * tanh(logits / c)
 
     def __post_init__(self):
-        if isinstance(self.pos_encoding, dict):
+        if not isinstance(self.pos_encoding, PositionalEncodingConfig):  # a dict, or a DictConfig
             self.pos_encoding = PositionalEncodingConfig(**self.pos_encoding)
         for name in ("vocab_size", "seq_length", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
@@ -81,14 +132,28 @@ class TransformerConfig:
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
                 "pick sizes so that each head gets n_embd / n_head channels."
             )
-        if self.pos_encoding.name not in POSITIONAL_ENCODINGS:
-            raise ConfigError(
-                f"pos_encoding={self.pos_encoding.name!r} is not one of {', '.join(POSITIONAL_ENCODINGS)}."
-            )
-        if self.pos_encoding.name == "rope" and self.head_dim % 2:
+        if self.pos_encoding.name in ROTATIONS and self.head_dim % 2:
             raise ConfigError(
                 f"RoPE needs an even head size, but n_embd / n_head = {self.head_dim}; change model.n_embd or "
                 "model.n_head."
+            )
+        self.pos_encoding.check(self.head_dim)
+        if self.n_kv_head is not None and (not is_count(self.n_kv_head) or self.n_head % self.n_kv_head):
+            raise ConfigError(
+                f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} (1 is multi-query "
+                "attention), or be null for one key/value head per query head."
+            )
+        if self.attention_window is not None and not is_count(self.attention_window):
+            raise ConfigError(
+                f"model.attention_window={self.attention_window} must be a positive integer, or null for full "
+                "attention."
+            )
+        if not is_count(self.attention_sinks, minimum=0):
+            raise ConfigError(f"model.attention_sinks={self.attention_sinks} must be a non-negative integer.")
+        if self.attention_sinks and self.attention_window is None:
+            raise ConfigError(
+                f"model.attention_sinks={self.attention_sinks} keeps the first positions visible past a sliding "
+                "window, but model.attention_window is null; set a window, or attention_sinks=0."
             )
         if self.init not in INITS:
             raise ConfigError(f"model.init={self.init!r} is not one of {', '.join(INITS)}.")
@@ -107,6 +172,16 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: `n_kv_head`, or one per query head."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def windowed(self) -> bool:
+        """Whether attention is restricted beyond causality (a sliding window, with or without sinks)."""
+        return self.attention_window is not None
 
     @property
     def mlp_hidden(self) -> int:
@@ -178,13 +253,16 @@ def make_norm(config: TransformerConfig, size: int) -> nn.Module:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: x (B, T, C) to (B, T, C), with RoPE, an ALiBi bias or neither, and a
-    KV cache when given one."""
+    """Multi-head causal self-attention: x (B, T, C) to (B, T, C), with a rotation (RoPE, xPos), an additive bias
+    (ALiBi, T5, FIRE, a window) or neither, grouped-query attention when `n_kv_head` < `n_head`, and a KV cache
+    when given one."""
 
     def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
         self.n_head, self.head_dim, self.layer = config.n_head, config.head_dim, layer
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_kv_head = config.kv_heads
+        # queries, then keys, then values: n_head + 2 n_kv_head heads of head_dim (3 x n_embd without GQA)
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * config.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = Dropout(config.dropout)
@@ -198,17 +276,40 @@ class CausalSelfAttention(nn.Module):
             return None, None
         return self.q_norm.weight, self.k_norm.weight
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, T, H, D), k and v (B, T, H_kv, D): views of one projection."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, *2 * [self.n_kv_head * self.head_dim]], dim=-1)
+        return q.view(B, T, self.n_head, self.head_dim), *(t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
+
+    def fused_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, D): queries, keys and values with every query head's own key and value, as the CPU kernels
+        take them; with grouped-query attention each key/value head is repeated for its group (one copy)."""
+        B, T, _ = x.shape
+        if self.n_kv_head == self.n_head:
+            return self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        q, k, v = self.heads(x)
+        group = self.n_head // self.n_kv_head
+        kv = torch.stack([k, v], dim=2).unsqueeze(4).expand(B, T, 2, self.n_kv_head, group, self.head_dim)
+        return torch.cat([q.unsqueeze(2), kv.reshape(B, T, 2, self.n_head, self.head_dim)], dim=2)
+
     def forward(
-        self, x: torch.Tensor, rope: RotaryEmbedding | None, bias: torch.Tensor | None, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding | None,
+        bias: torch.Tensor | None,
+        cache: KVCache | None,
+        context: int | None = None,
     ) -> torch.Tensor:
-        """`bias`: ALiBi's additive mask (H, T, cache length + T) with -inf on future keys, or None (causal)."""
+        """`bias`: the additive mask (H or 1, T, cache length + T) with -inf on keys a query may not see (the future,
+        or outside a window), or None (causal). `context`: the positions the model reads at once (dynamic NTK)."""
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         dropout_p = self.dropout if self.training else 0.0
         on_cpu_kernels = T <= CPU_KERNELS_MAX_LENGTH or B * self.n_head * T * T <= CPU_KERNELS_MAX_SCORES
         if cache is None and x.device.type == "cpu" and on_cpu_kernels:
             # the same computation as below, in hand-written passes (lm/kernels.py) or, where it wins, the flash kernel
-            cos, sin = rope.tables(0, T) if rope is not None else (None, None)
+            qkv = self.fused_heads(x)
+            cos, sin = rope.qk_tables(0, T, context) if rope is not None else (None, None)
             q_weight, k_weight = self.norm_weights()  # RotaryHeads normalises q and k first, with QK-norm
             if dropout_p == 0 and bias is None and qkv.dtype == torch.float32:
                 # fp32 without dropout, PyTorch's flash kernel is faster; with dropout the block kernel is (above);
@@ -225,30 +326,29 @@ class CausalSelfAttention(nn.Module):
                 y = y.view(B, self.n_head, T, self.head_dim)
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         start = cache.length if cache is not None else 0
-        qk, v = qkv.split([2, 1], dim=2)  # split, not indexing: its backward is one concatenation
+        q, k, v = self.heads(x)
         if self.q_norm is not None:
-            q, k = qk.unbind(2)
-            qk = torch.stack([self.q_norm(q), self.k_norm(k)], dim=2)
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            qk = rope(qk, start, seq_dim=1)  # queries and keys rotated in one go
-        q, k = qk.unbind(2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)  # (B, H, T, D) views
+            q, k = rope.rotate_qk(q, k, start, context)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        gqa = self.n_kv_head != self.n_head
         if cache is None and bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
         elif cache is None:  # the bias carries the causal mask: attn_mask and is_causal do not go together
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, enable_gqa=gqa)
         else:
-            keys, values = cache.kv[self.layer]
-            keys[:, :, start : start + T] = k
-            values[:, :, start : start + T] = v
-            k, v = keys[:, :, : start + T], values[:, :, : start + T]
+            if start:  # continuing a cache's text: attend to its positions too (they lie in slots 0 .. start - 1)
+                keys, values = cache.kv[self.layer]
+                k, v = torch.cat([keys[:, :, :start], k], dim=2), torch.cat([values[:, :, :start], v], dim=2)
+            cache.store(self.layer, k[:, :, start:], v[:, :, start:], start)
             # query i sits at absolute position start + i and may see keys 0 .. start + i (is_causal would align
             # the mask top-left, which is wrong once the cache holds earlier positions)
             if bias is not None:
                 mask = bias.to(q.dtype)
             else:
                 mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -294,12 +394,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, rope: RotaryEmbedding | None, bias: torch.Tensor | None, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding | None,
+        bias: torch.Tensor | None,
+        cache: KVCache | None,
+        context: int | None = None,
     ) -> torch.Tensor:
         if self.post_norm:
-            x = self.ln_1(x + self.attn(x, rope, bias, cache))
+            x = self.ln_1(x + self.attn(x, rope, bias, cache, context))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), rope, bias, cache)
+        x = x + self.attn(self.ln_1(x), rope, bias, cache, context)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -309,17 +414,22 @@ def decoding_positions(max_length: int) -> int:
     return 2 * max_length
 
 
+# a slot's position before anything is written there: below any position a rewound sliding cache can reach
+UNFILLED = -(2**62)
+
+
 class KVCache:
-    """Keys and values of every layer for the positions decoded so far, preallocated up to `max_length`.
+    """Keys and values of every layer for the positions decoded so far, preallocated up to `max_length` slots.
 
-    Layer i's keys are `kv[i][0]` and its values `kv[i][1]`, each (B, H, max_length, D): one tensor per layer, so a
-    decoding step writes a position's key and value with one copy. `matrices`, when given, maps a model's
-    `nn.Linear` modules to the matrices that one-position steps multiply with instead of their own weights (see
-    `decoding_matrices`).
+    Layer i's keys are `kv[i][0]` and its values `kv[i][1]`, each (B, H_kv, max_length, D) (only the key/value
+    heads: grouped-query attention's cache is n_head / n_kv_head times smaller): one tensor per layer, so a decoding
+    step writes a position's key and value with one copy. `matrices`, when given, maps a model's `nn.Linear` modules
+    to the matrices that one-position steps multiply with instead of their own weights (see `decoding_matrices`).
 
-    Decoding steps may go past `max_length` where the model's scores depend only on distances
-    (`sliding_cache`): position p then lives in slot p % max_length, overwriting the oldest, and
-    `rewind_cache` keeps the positions below 2 x max_length.
+    Position p lives in slot p while p < max_length. Decoding may go past that where the model's scores depend only
+    on distances (`sliding_cache`): the first `attention_sinks` slots keep their positions, and the others form a
+    ring over the newest, p in slot S + (p - S) % (max_length - S), overwriting the oldest; `rewind_cache` keeps
+    positions below 2 x max_length. `slot_positions` says which position each slot holds (UNFILLED: none yet).
     """
 
     def __init__(
@@ -331,16 +441,43 @@ class KVCache:
         dtype,
         matrices: dict[nn.Module, torch.Tensor | torch.ScriptObject] | None = None,
     ):
-        shape = (2, batch_size, config.n_head, max_length, config.head_dim)
+        shape = (2, batch_size, config.kv_heads, max_length, config.head_dim)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        # 0-d position tensors for decoding steps (also the slot indices of their visibility mask)
+        # 0-d position tensors for decoding steps
         self.positions = torch.arange(decoding_positions(max_length), device=device)
+        self.slot_positions = torch.full((max_length,), UNFILLED, device=device)
         self.length = 0  # positions decoded so far (the next position)
         self.max_length = max_length
+        self.sinks = min(config.attention_sinks, max_length - 1) if config.windowed else 0
+        # a windowed model's cache may be shorter than a prompt: it keeps the sinks and the last W positions
+        self.keeps_what_is_visible = config.windowed and max_length >= self.sinks + config.attention_window
         self.matrices = matrices or {}
         if torch.device(device).type == "cuda":  # a compiled step mutates them in place inside a CUDA graph
-            for tensor in (*self.kv, self.positions):
+            for tensor in (*self.kv, self.positions, self.slot_positions):
                 torch._dynamo.mark_static_address(tensor)
+
+    def slot(self, positions: torch.Tensor) -> torch.Tensor:
+        """The slot of each position: itself among the sinks, else its place in the ring of the other slots."""
+        ring = self.max_length - self.sinks
+        return torch.where(positions < self.sinks, positions, self.sinks + (positions - self.sinks) % ring)
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """Writes keys and values (B, H_kv, T, D) of positions start .. start + T - 1 into their slots; past the
+        cache's length, only those that stay (the sinks and the newest)."""
+        positions = torch.arange(start, start + keys.shape[2], device=keys.device)
+        if start + keys.shape[2] > self.max_length:
+            newest = start + keys.shape[2] - (self.max_length - self.sinks)
+            keep = (positions < self.sinks) | (positions >= newest)
+            positions, keys, values = positions[keep], keys[:, :, keep], values[:, :, keep]
+        slots = self.slot(positions)
+        self.kv[layer][0].index_copy_(2, slots, keys.to(self.kv[layer].dtype))
+        self.kv[layer][1].index_copy_(2, slots, values.to(self.kv[layer].dtype))
+        if layer == 0:
+            self.slot_positions.index_copy_(0, slots, positions)
+
+    def memory_bytes(self) -> int:
+        """Bytes the keys and values take."""
+        return sum(t.numel() * t.element_size() for t in self.kv)
 
 
 class Transformer(nn.Module):
@@ -351,15 +488,23 @@ class Transformer(nn.Module):
         self.config = config
         pe = config.pos_encoding
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position = self.rope = self.alibi = None  # at most one of them; none of them for NoPE
+        # at most one of them; none of them for NoPE: an absolute position added to the embeddings, a rotation of
+        # queries and keys, or a bias on the scores
+        self.position = self.rope = self.relative_bias = None
         if pe.name == "learned":
             self.position = LearnedPositionalEmbedding(config.seq_length, config.n_embd)
         elif pe.name == "sinusoidal":
             self.position = SinusoidalPositionalEncoding(config.n_embd, config.seq_length)
         elif pe.name == "rope":
-            self.rope = RotaryEmbedding(config.head_dim, pe.base, config.seq_length)
+            self.extend_context(pe.scaling, pe.scaling_factor, pe.original_length)
+        elif pe.name == "xpos":
+            self.rope = XPos(config.head_dim, pe.base, config.seq_length)
         elif pe.name == "alibi":
-            self.alibi = ALiBi(config.n_head)
+            self.relative_bias = ALiBi(config.n_head)
+        elif pe.name == "t5":
+            self.relative_bias = T5RelativeBias(config.n_head)
+        elif pe.name == "fire":
+            self.relative_bias = FIRE(config.n_head, config.seq_length)
         self.embedding_scale = math.sqrt(config.n_embd)
         self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -399,6 +544,34 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, std=0.02 / math.sqrt(2 * self.config.n_layer))
             else:
                 nn.init.normal_(param, std=0.02)
+        if isinstance(self.relative_bias, FIRE):  # its scalars and tiny MLP start as the paper's
+            self.relative_bias.reset_parameters()
+
+    def extend_context(self, scaling: str | None, factor: float = 1.0, original_length: int | None = None) -> None:
+        """Applies RoPE's context extension `scaling` by `factor` past `original_length` (default the training
+        length) to this model as it is, without retraining: its rotation is rebuilt, the weights stay. Raises a
+        ConfigError for a model without RoPE."""
+        pe = self.config.pos_encoding
+        if pe.name != "rope":
+            raise ConfigError(
+                f"model.pos_encoding.scaling={scaling} extends RoPE's context, but this model uses {pe.name} "
+                "positions; leave the scaling settings out for it."
+            )
+        settings = PositionalEncodingConfig(
+            pe.name, pe.base, pe.rotary_fraction, scaling, factor, original_length or pe.original_length
+        )
+        settings.check(self.config.head_dim)
+        self.config.pos_encoding = settings
+        device = self.token_embedding.weight.device
+        self.rope = RotaryEmbedding(
+            self.config.head_dim,
+            pe.base,
+            self.config.seq_length,
+            pe.rotary_fraction,
+            scaling,
+            factor,
+            settings.original_length or self.config.seq_length,
+        ).to(device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -410,7 +583,7 @@ class Transformer(nn.Module):
         """
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_length:
+        if cache is not None and start + T > cache.max_length and (start or not cache.keeps_what_is_visible):
             raise ContextTooLongError(f"the KV cache holds {cache.max_length} positions; {start + T} were asked for")
         x = self.token_embedding(idx)
         if isinstance(self.position, SinusoidalPositionalEncoding):
@@ -420,15 +593,31 @@ class Transformer(nn.Module):
         elif self.position is not None:
             x = x + self.position(start, T)
         x = self.dropout(x)
-        bias = None
-        if self.alibi is not None:  # built once, shared by every layer
-            positions = torch.arange(start + T, device=idx.device)
-            bias = self.alibi.bias(positions[start:], positions, torch.float32)
+        bias = self.attention_bias(start, T, idx.device)
+        context = cache.max_length if cache is not None else T  # what dynamic NTK scales for
         for block in self.blocks:
-            x = block(x, self.rope, bias, cache)
+            x = block(x, self.rope, bias, cache, context)
         if cache is not None:
             cache.length += T
         return self.cap_logits(self.head(self.ln_f(x)))
+
+    def attention_bias(self, start: int, length: int, device) -> torch.Tensor | None:
+        """The additive mask (H or 1, length, start + length) for positions start .. start + length - 1 over keys 0 ..
+        start + length - 1: the encoding's bias, -inf where a key is in the future or outside the window; None for
+        plain causal attention. Built once per forward, shared by every layer."""
+        if self.relative_bias is None and not self.config.windowed:
+            return None
+        positions = torch.arange(start + length, device=device)
+        queries = positions[start:]
+        dtype = torch.promote_types(self.token_embedding.weight.dtype, torch.float32)  # fp32 under bf16 autocast
+        if self.relative_bias is not None:
+            bias = self.relative_bias.bias(queries, positions, dtype)
+        else:
+            bias = torch.zeros(1, length, start + length, device=device, dtype=dtype)
+        if self.config.windowed:
+            hidden = ~window_mask(queries, positions, self.config.attention_window, self.config.attention_sinks)
+            bias = bias.masked_fill(hidden, -math.inf)
+        return bias
 
     def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """With `logit_softcap` c, c * tanh(logits / c) in float32 (Gemma 2): no logit grows past c; else logits."""

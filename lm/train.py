@@ -234,7 +234,7 @@ def finish(cfg: DictConfig, job: TrainingJob) -> dict[str, float]:
         )
     if not trainer.is_global_zero or trainer.interrupted:
         return metrics
-    evaluations, train_evaluations = evaluate_final_model(cfg, module, datamodule, job.precision)
+    evaluations, train_evaluations, scaled = evaluate_final_model(cfg, module, datamodule, job.precision)
     summary = {
         "status": "finished",
         "metrics": metrics,
@@ -250,28 +250,50 @@ def finish(cfg: DictConfig, job: TrainingJob) -> dict[str, float]:
         "evaluations": [r.to_dict() for r in evaluations],
         "train_evaluations": [r.to_dict() for r in train_evaluations],
     }
+    if scaled:
+        summary["scaled_evaluations"] = {method: [r.to_dict() for r in rows] for method, rows in scaled.items()}
     write_atomically(
         Path(cfg.paths.run_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2))
     )
     return metrics
 
 
-def evaluate_final_model(cfg: DictConfig, module: LanguageModel, datamodule, precision: str) -> tuple[list, list]:
+def evaluate_final_model(
+    cfg: DictConfig, module: LanguageModel, datamodule, precision: str
+) -> tuple[list, list, dict[str, list]]:
     """With `final_eval.context_multiples` (e.g. [1, 2, 4]), the final model's loss on the validation split at
     those multiples of the training context, and with `final_eval.train_split`, on the start of the training data
-    it saw (as many characters as the validation split); written to <run dir>/final.eval.md and .json like
-    evaluate.py's. Returns (validation results, training-data results)."""
+    it saw (as many characters as the validation split); with `final_eval.rope_scalings` (a RoPE model), also at
+    the multiples above 1 with each context extension by the multiple. Written to <run dir>/final.eval.md and .json
+    like evaluate.py's. Returns (validation results, training-data results, {scaling: results})."""
     multiples = list(cfg.final_eval.context_multiples or [])
     if not all(is_count(m) for m in multiples):
         raise ConfigError(f"final_eval.context_multiples={multiples} must be positive integers, e.g. [1,2,4].")
     on_train = bool(cfg.final_eval.get("train_split", False))
+    scalings = list(cfg.final_eval.get("rope_scalings") or []) if module.model.rope is not None else []
+    if module.config.pos_encoding.name != "rope":
+        scalings = []
     if not multiples and not on_train:
-        return [], []
+        return [], [], {}
     seq_length, batch_size = module.config.seq_length, cfg.final_eval.batch_size
     dtype = torch.bfloat16 if "bf16" in precision else None
     val = datamodule.split("val")
     results = [evaluate(module.model, val, m * seq_length, batch_size, dtype) for m in multiples]
     tables = [f"Validation split:\n\n{results_table(results, seq_length)}"] if results else []
+    scaled = {}
+    if scalings:  # the same weights read with each context extension; then the model as trained again
+        model, trained = module.model, module.config.pos_encoding
+        for scaling in scalings:
+            scaled[scaling] = []
+            for m in (m for m in multiples if m > 1):
+                model.extend_context(scaling, float(m), trained.original_length)
+                scaled[scaling].append(evaluate(model, val, m * seq_length, batch_size, dtype))
+                scaled[scaling][-1].note = f"{scaling} x{m}"
+        model.extend_context(trained.scaling, trained.scaling_factor, trained.original_length)
+        rows = [r for method in scaled.values() for r in method]
+        tables.append(
+            f"With RoPE's context extensions, by the factor each length needs:\n\n{results_table(rows, seq_length)}"
+        )
     train_results = []
     if on_train:
         train = datamodule.split("train")[: len(val)]
@@ -285,10 +307,11 @@ def evaluate_final_model(cfg: DictConfig, module: LanguageModel, datamodule, pre
         "split": "validation split",
         "results": [r.to_dict() for r in results],
         "train_results": [r.to_dict() for r in train_results],
+        "scaled_results": {method: [r.to_dict() for r in rows] for method, rows in scaled.items()},
     }
     write_eval_report(Path(cfg.paths.run_dir) / "final", report, table, "The final model")
     print(f"[transformer-lm] the final model:\n{table}", file=sys.stderr)
-    return results, train_results
+    return results, train_results, scaled
 
 
 def sweep_job(cfg: DictConfig) -> dict[str, float]:

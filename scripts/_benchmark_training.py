@@ -334,21 +334,25 @@ TECHNIQUES = {
 }
 
 
-def interleaved_techniques(preset: str, precision: str, rounds: int, warmup: int, corpus: Path, compile: bool) -> dict:
-    """Every model option of TECHNIQUES in one process, one training step each in turn (the plain loop's step:
-    AdamW, clipping, schedule), for `warmup` untimed rounds and then `rounds` timed ones. Each option's cost is the
-    median over rounds of its step time over the default's in the same round: a CPU's speed drifts by 20-30% over
-    seconds to minutes, which separate runs (even alternated) charged to whichever option ran then. The order
-    rotates every round so that no option always follows the same one."""
+def interleaved_techniques(
+    preset: str, precision: str, rounds: int, warmup: int, corpus: Path, compile: bool, options: dict | None = None
+) -> dict:
+    """Every model option of `options` (TECHNIQUES by default; the first is the baseline) in one process, one
+    training step each in turn (the plain loop's step: AdamW, clipping, schedule), for `warmup` untimed rounds and
+    then `rounds` timed ones. Each option's cost is the median over rounds of its step time over the baseline's in
+    the same round: a CPU's speed drifts by 20-30% over seconds to minutes, which separate runs (even alternated)
+    charged to whichever option ran then. The order rotates every round so that no option always follows the same
+    one."""
     seq_length, batch_size = SHAPES[preset]
     datamodule = CharDataModule(path=str(corpus), seq_length=seq_length, batch_size=batch_size)
     batches = datamodule.train_dataloader().dataset
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = preset_config(preset, datamodule.tokenizer.vocab_size)
     steps = {}
-    for name, options in TECHNIQUES.items():
+    options = options or TECHNIQUES
+    for name, settings in options.items():
         torch.manual_seed(0)
-        model = Transformer(dataclasses.replace(base, **options)).to(device)
+        model = Transformer(dataclasses.replace(base, **settings)).to(device)
         steps[name] = plain_step(model, precision, device, compile)
 
     def step(name: str, i: int) -> float:
@@ -357,7 +361,7 @@ def interleaved_techniques(preset: str, precision: str, rounds: int, warmup: int
         steps[name](x, y)
         return time.perf_counter() - start
 
-    names = list(TECHNIQUES)
+    names = list(options)
     times = {name: [] for name in names}
     for i in range(warmup + rounds):
         shift = i % len(names)
@@ -372,13 +376,15 @@ def interleaved_techniques(preset: str, precision: str, rounds: int, warmup: int
     }
 
 
-def bench_techniques(presets, precisions, rounds, warmup, corpus, compile: bool) -> list[dict]:
+def bench_techniques(
+    presets, precisions, rounds, warmup, corpus, compile: bool, options: dict | None = None
+) -> list[dict]:
     """Each model option's training step against the default block's at the same size, precision and batch (RoPE,
     the default encoding): `interleaved_techniques`, a fresh process per size and precision."""
     rows = []
     for preset in presets:
         for precision in precisions:
-            result = in_child(interleaved_techniques, preset, precision, rounds, warmup, corpus, compile)
+            result = in_child(interleaved_techniques, preset, precision, rounds, warmup, corpus, compile, options)
             for name, timing in result.items():
                 rows.append(
                     {

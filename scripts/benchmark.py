@@ -8,6 +8,7 @@ against nanoGPT's recipe, generation speed, corpus preparation.
     python scripts/benchmark.py --only run     # our default run vs nanoGPT's recipe, to the best (~6 min on a CPU)
     python scripts/benchmark.py --only quality                   # our default vs nanoGPT's CPU recipe, ~15 minutes
     python scripts/benchmark.py --only techniques     # each model option's step against the default's, ~1 min
+    python scripts/benchmark.py --only length   # reading past the training length: steps, generation, cache
 
 Prints Markdown tables and writes them as JSON (--out). Numbers are comparable within one run on one machine only.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 from _benchmark_generation import bench_generation
+from _benchmark_length import bench_length_generation, bench_length_steps
 from _benchmark_runs import bench_quality, bench_run, reached_nanogpt
 from _benchmark_tables import (
     CORPUS_COLUMNS,
@@ -48,11 +50,14 @@ from lm.hardware import bf16_supported, measure_matmul_peak
 # ours on CUDA only (model.compile=auto), nanoGPT on a GPU (its compile=True; its CPU recipe turns it off).
 DEFAULTS = {
     "cpu": dict(
-        presets="tiny,mini,small,base", only="peak,train,plain,reference,techniques,generate,corpus", steps=5, warmup=2
+        presets="tiny,mini,small,base",
+        only="peak,train,plain,reference,techniques,length,generate,corpus",
+        steps=5,
+        warmup=2,
     ),
-    "cuda": dict(presets="base", only="peak,train,reference,techniques,run,generate", steps=50, warmup=10),
+    "cuda": dict(presets="base", only="peak,train,reference,techniques,length,run,generate", steps=50, warmup=10),
 }
-PARTS = ("peak", "train", "plain", "reference", "techniques", "run", "generate", "corpus", "quality")
+PARTS = ("peak", "train", "plain", "reference", "techniques", "length", "run", "generate", "corpus", "quality")
 
 
 def parse_args(device: str) -> argparse.Namespace:
@@ -83,7 +88,7 @@ def parse_args(device: str) -> argparse.Namespace:
     parser.add_argument(
         "--technique-presets",
         default="base" if device == "cuda" else "mini",
-        help="techniques: the sizes to time each model option at (default: the default run's size here)",
+        help="techniques and length: the sizes to time each model option at (default: the default run's size here)",
     )
     parser.add_argument(
         "--technique-rounds", type=int, default=60, help="techniques: timed rounds (one step of every option each)"
@@ -187,6 +192,25 @@ def techniques_part(args, precisions: list[str], compile: bool, report: dict) ->
     print(f"Slowest single option: {worst['technique']} ({where}), {worst['vs_default']:.2f}x the default.\n")
 
 
+def length_part(args, precisions: list[str], compile: bool, report: dict) -> None:
+    """length: each option for reading past the training length, its training step against the default's; and
+    cached generation's speed and KV-cache memory at 1x, 8x and 32x the training length."""
+    presets = [p for p in args.technique_presets.split(",") if p]
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        synthetic_corpus(corpus, 2 * 2**20)
+        rows = bench_length_steps(presets, precisions, args.technique_rounds, args.warmup, corpus, compile)
+    info = report["machine"]
+    title = f"Each length option's training step against the default's ({info['cpu']}, {info['device']})"
+    columns = {"preset": "size", "precision": "precision", "option": "option", "ms_per_step": "ms/step"}
+    print_table(title, rows, {**columns, "vs_default": "x default"})
+    generation = [row for preset in presets for row in bench_length_generation(preset)]
+    title = "Cached generation past the training length (one stream, fp32, exact), and the KV cache it keeps"
+    columns = {"preset": "size", "model": "model", "characters": "characters", "chars_per_s": "chars/s"}
+    print_table(title, generation, {**columns, "cache_kib": "KV cache KiB"})
+    report["length"] = {"steps": rows, "generation": generation}
+
+
 def run_part(args, report: dict) -> None:
     """run: our default run against nanoGPT's recipe, each a fresh process, to its best validation loss."""
     print("  run: ours, then nanoGPT's recipe", file=sys.stderr, flush=True)
@@ -233,6 +257,8 @@ def main() -> None:
         training_parts(args, precisions, compile, device, report)
     if "techniques" in args.parts:
         techniques_part(args, precisions, compile, report)
+    if "length" in args.parts:
+        length_part(args, precisions, compile, report)
     if "run" in args.parts:
         run_part(args, report)
     if "generate" in args.parts:

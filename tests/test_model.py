@@ -231,7 +231,7 @@ def test_gpt2_init_scales_residual_projections():
         ({"seq_length": 0}, "seq_length"),
         ({"n_layer": True}, "n_layer=True must be a positive integer"),  # YAML's true is a bool, not 1 layer
         ({"init": "kaiming"}, "init"),
-        ({"pos_encoding": {"name": "t5"}}, "pos_encoding"),
+        ({"pos_encoding": {"name": "t6"}}, "pos_encoding"),
     ],
 )
 def test_bad_model_configs_are_rejected(kw, match):
@@ -292,7 +292,7 @@ def test_alibi_and_nope_embed_no_positions_and_read_past_the_training_length(pe)
     torch.manual_seed(0)
     model = Transformer(tiny_config(pe, n_head=4)).eval()
     assert model.position is None and model.rope is None
-    assert (model.alibi is not None) == (pe == "alibi")
+    assert (model.relative_bias is not None) == (pe == "alibi")
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in Transformer(tiny_config("rope", n_head=4)).parameters()
     )

@@ -86,13 +86,28 @@ def reference_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
         q, k, v = attn.qkv(x).view(B, T, 3, H, D).unbind(2)
         if attn.q_norm is not None:
             q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
-        if model.rope is not None:
-            q, k = model.rope(q, 0, seq_dim=1), model.rope(k, 0, seq_dim=1)
+        if model.rope is not None:  # x cos + rotate_half(x) sin, from the fp32 tables; xPos also scales q by
+            # zeta^(n / 512) and k by zeta^(-m / 512), folded into its fp32 tables
+            cos, sin = model.rope.tables(0, T)
+            cos_q = sin_q = None
+            if config.pos_encoding.name == "xpos":
+                zeta = (torch.arange(0, D, 2, dtype=torch.float64) + 0.4 * D) / (1.4 * D)
+                scale = zeta ** (torch.arange(T, dtype=torch.float64)[:, None] / 512)
+                scale = torch.cat([scale, scale], -1)
+                cos, sin = cos.double(), sin.double()
+                cos_q, sin_q = (cos * scale).float(), (sin * scale).float()
+                cos, sin = (cos / scale).float(), (sin / scale).float()
+
+            def rotate(x, cos, sin):
+                x1, x2 = x.chunk(2, -1)
+                return x * cos[None, :, None].to(x.dtype) + torch.cat([-x2, x1], -1) * sin[None, :, None].to(x.dtype)
+
+            q, k = rotate(q, cos if cos_q is None else cos_q, sin if sin_q is None else sin_q), rotate(k, cos, sin)
         scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
         mask = torch.ones(T, T, dtype=torch.bool).tril()
-        if model.alibi is not None:
+        if model.relative_bias is not None:
             positions = torch.arange(T)
-            scores = scores + model.alibi.bias(positions, positions, scores.dtype)
+            scores = scores + model.relative_bias.bias(positions, positions, scores.dtype)
         scores = scores.masked_fill(~mask, -math.inf)
         y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, -1)
         return attn.proj(y)
