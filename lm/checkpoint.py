@@ -81,18 +81,22 @@ def load_model(
             rope_scaling.get("scaling_factor") or pe.scaling_factor,
             rope_scaling.get("original_length") or pe.original_length,
         )
-    prefix = "model."
-    state = {
-        key[len(prefix) :].replace("_orig_mod.", ""): value  # torch.compile wraps the model as _orig_mod
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith(prefix)
-    }
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(model_state(checkpoint))
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not match its own model config ({error}).") from None
     byte_level = (meta.get("data") or {}).get("encoding") == "bytes"  # trained on a byte corpus (enwik8)
     return model.to(device).eval(), CharTokenizer(meta["vocab"], byte_level=byte_level)
+
+
+def model_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The `Transformer`'s state dict inside a Lightning checkpoint of `LanguageModel`."""
+    prefix = "model."
+    return {
+        key[len(prefix) :].replace("_orig_mod.", ""): value  # torch.compile wraps the model as _orig_mod
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(prefix)
+    }
 
 
 def _model_settings(config: dict) -> dict[str, object]:
@@ -131,17 +135,27 @@ def _show_characters(chars: str) -> str:
 
 
 def check_resumable(
-    checkpoint: dict, path: Path, config: TransformerConfig, vocab: str, corpus_sha256: str | None, continuing: bool
+    checkpoint: dict,
+    path: Path,
+    config: TransformerConfig,
+    vocab: str,
+    corpus_sha256: str | None,
+    continuing: bool,
+    weights_only: bool = False,
 ) -> str | None:
     """Checks, before Lightning loads `checkpoint`, that this run can go on from it; raises a `CheckpointError`
     naming both values and the fix when it cannot.
 
     The model settings and the vocabulary must match. `continuing` (resume=<run dir>) also requires the same
     corpus: continuing a run is on its own data. Otherwise (ckpt_path= into a new run) another corpus with the
-    same vocabulary is fine-tuning: the returned line says so (None when the corpus is the same).
+    same vocabulary is fine-tuning: the returned line says so (None when the corpus is the same). `weights_only`
+    (init_from=): a new run starts from the weights alone, with an optimizer and schedule of its own; the returned
+    line says so.
     """
     meta = checkpoint[CHECKPOINT_KEY]
-    option = f"resume={path.parent.parent}" if continuing else f"ckpt_path={path}"
+    option = (
+        f"resume={path.parent.parent}" if continuing else f"init_from={path}" if weights_only else f"ckpt_path={path}"
+    )
     # through TransformerConfig: a checkpoint written before an option existed reads that option's default
     theirs = _model_settings(TransformerConfig(**meta["model_config"]).to_dict())
     ours = _model_settings(config.to_dict())
@@ -165,6 +179,13 @@ def check_resumable(
             f"{option}: the checkpoint's vocabulary has {len(meta['vocab'])} characters and this corpus's "
             f"{len(vocab)} ({', '.join(differences) or 'in another order'}); train on its corpus "
             f"(data.path={trained_on}), or start a new run without it."
+        )
+    if weights_only:
+        other = data.get("sha256") not in (None, corpus_sha256) and corpus_sha256 is not None
+        return (
+            f"starting from the weights of {path} (step {checkpoint.get('global_step', 0)} of its run"
+            + (f", trained on {trained_on}" if other else "")
+            + "), with an optimizer and learning-rate schedule of this run's own"
         )
     if corpus_sha256 is None or data.get("sha256") in (None, corpus_sha256):
         return None

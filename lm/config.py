@@ -1,7 +1,8 @@
 """Where the configs live, the resolvers they use, and composing one in-process.
 
 Importing this module registers the resolvers that `conf/` interpolates (`lm_suffix`, `lm_name`, `lm_div`,
-`lm_new_dir`, `lm_config_subdir`), so any code that composes a config, the command line's or a test's, finds them.
+`lm_new_dir`, `lm_config_subdir`, `lm_sweep_job`, `lm_mul`), so any code that composes a config, the command
+line's or a test's, finds them.
 The run directory names they make come from `lm.naming`.
 """
 
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lm.files import claim_directory
 from lm.naming import job_name, short_name
-from lm.sweep import config_subdir
+from lm.sweep import config_subdir, sibling_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
@@ -43,6 +44,9 @@ def register_resolvers() -> None:
     # copy of the config (Hydra copies the cache into them) name the same one
     OmegaConf.register_new_resolver("lm_new_dir", claim_directory, use_cache=True)
     OmegaConf.register_new_resolver("lm_config_subdir", config_subdir)
+    # the checkpoint of another job of the same sweep (length_study's fine-tuned arms start from its rope arm's)
+    OmegaConf.register_new_resolver("lm_sweep_job", sibling_checkpoint)
+    OmegaConf.register_new_resolver("lm_mul", lambda a, b: int(a) * int(b))
 
 
 register_resolvers()

@@ -185,10 +185,10 @@ def generate(
     """Continues `prompt` `num_samples` times and returns the prompts with their continuations.
 
     With `kv_cache`, each new character costs one position's worth of compute. When the text outgrows the
-    model's context, generation goes on: with RoPE or ALiBi the cache slides (each character attends to the last
-    `seq_length`, their keys and values as computed when they were new: `sliding_cache`); with the
-    other encodings it is rebuilt from the most recent half context. Without the cache, every step recomputes the
-    last `seq_length` characters. `on_token` receives each new
+    model's context, generation goes on: with RoPE, ALiBi or T5's bias the cache slides (each character attends to
+    the last `seq_length`, or the sinks and the window of a windowed model, their keys and values as computed when
+    they were new: `sliding_cache`); with the other encodings it is rebuilt from the most recent half context.
+    Without the cache, every step recomputes the last `seq_length` characters. `on_token` receives each new
     batch of ids (shape (num_samples,)) as it is made, for streaming. `compile` runs the one-character step through
     `torch.compile` (its shapes do not depend on the position, so it compiles once per model and batch size). An
     empty prompt starts from a newline, or from the vocabulary's first character when the corpus had no newline.

@@ -17,7 +17,7 @@ from lm.model import Transformer
 PAST_CONTEXT_WAYS = {
     "window": "recomputing the last seq_length characters (generation without the cache)",
     "rebuilt cache": "a KV cache rebuilt from the most recent half context whenever it is full",
-    "sliding cache": "a KV cache of the most recent seq_length positions (RoPE and ALiBi; generation's way there)",
+    "sliding cache": "a KV cache of the most recent seq_length positions (RoPE, ALiBi, T5; generation's way there)",
 }
 
 

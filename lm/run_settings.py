@@ -23,6 +23,11 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint to continue from: `ckpt_path=`, or `resume=<run dir>`'s last checkpoint."""
     if cfg.resume and cfg.ckpt_path:
         raise ConfigError("Pass either resume=<run dir> or ckpt_path=<file>, not both.")
+    if cfg.get("init_from") and (cfg.resume or cfg.ckpt_path):
+        raise ConfigError(
+            "init_from= starts a new run from a checkpoint's weights, while resume= and ckpt_path= go on with its "
+            "optimizer and schedule; pass one of them."
+        )
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file; pass a .ckpt file, or resume=<run dir>.")

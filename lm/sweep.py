@@ -368,3 +368,31 @@ class StopSweepOnSignal(Callback):
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def sibling_checkpoint(change: str) -> str:
+    """The last checkpoint of the job of this sweep whose overrides are this job's with `change` (`key=value`)
+    instead: `init_from: ${lm_sweep_job:length_arm=rope}` fine-tunes the rope arm's model of the same seed. The
+    sweep must run that job first (its params list it earlier); a ConfigError says so when it has not."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lm.errors import ConfigError
+
+    hydra = HydraConfig.get()
+    key = change.split("=", 1)[0]
+    ignored = ("resume", "hydra.", "paths.")  # a continued sweep adds resume=; neither names the configuration
+    wanted = {o for o in hydra.overrides.task if not o.split("=", 1)[0].lstrip("+~").startswith(ignored)}
+    wanted = {o for o in wanted if o.split("=", 1)[0] != key} | {change}
+    for job in sweep_jobs(Path(hydra.sweep.dir)):
+        overrides = job / ".hydra" / "overrides.yaml"
+        if not overrides.is_file():
+            continue
+        theirs = OmegaConf.to_container(OmegaConf.load(overrides))
+        if {o for o in theirs if not o.split("=", 1)[0].lstrip("+~").startswith(ignored)} == wanted:
+            checkpoint = job / "checkpoints" / "last.ckpt"
+            if checkpoint.is_file():
+                return str(checkpoint)
+    raise ConfigError(
+        f"this job starts from the model of the job with {change} in its sweep, which has no checkpoints/last.ckpt; "
+        f"run that job first (list {change.split('=', 1)[1]} earlier in the sweep's {key} values)."
+    )

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lm.config  # noqa: F401  (the resolvers a composed config interpolates)
 from lm.callbacks import CompileTime, InterruptedTraining, ResumableProgressBar, ValidationCost
+from lm.checkpoint import check_resumable, model_state, read_checkpoint
 from lm.console import full_errors, project_error, report_errors
 from lm.data import CharDataModule
 from lm.errors import ConfigError, is_count
@@ -125,6 +126,8 @@ def build(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingJob:
     fine_tuning, spent = check_checkpoint(cfg, ckpt_path, config, datamodule, limits) if ckpt_path else (None, 0.0)
     schedule = {**OmegaConf.to_container(cfg.lr_schedule), "clock": clock}
     module = LanguageModel(config, tokenizer.vocab, optimizer=instantiate(cfg.optimizer), **schedule)
+    if cfg.get("init_from"):
+        fine_tuning = initialise_from(cfg.init_from, module, datamodule)
     module.build_optimizer()  # settings the optimizer refuses fail here, before loggers write anything
 
     device_type = training_device_type(cfg.trainer.accelerator)
@@ -143,6 +146,16 @@ def build(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> TrainingJob:
     for logger in loggers:
         logger.log_hyperparams(hparams)
     return TrainingJob(datamodule, module, trainer, ckpt_path, precision, hparams)
+
+
+def initialise_from(source: str, module: LanguageModel, datamodule) -> str:
+    """Loads the weights of `source` (a checkpoint or run directory, its best checkpoint) into the new run's model,
+    after the same checks as a fine-tuning ckpt_path= (model settings, vocabulary); returns the line that says so."""
+    checkpoint, path = read_checkpoint(source, fix="pass init_from= a .ckpt file or a run directory")
+    corpus = datamodule.corpus.sha256
+    note = check_resumable(checkpoint, path, module.config, datamodule.tokenizer.vocab, corpus, False, True)
+    module.model.load_state_dict(model_state(checkpoint))
+    return note
 
 
 def model_config(cfg: DictConfig, vocab_size: int) -> tuple[TransformerConfig, bool | str]:
@@ -245,6 +258,7 @@ def finish(cfg: DictConfig, job: TrainingJob) -> dict[str, float]:
         "flops_per_step": module.flops_per_batch * trainer.accumulate_grad_batches * trainer.world_size,
         "parameters": module.model.num_parameters(),
         "seq_length": module.config.seq_length,
+        "eval_base_length": cfg.final_eval.get("base_length") or module.config.seq_length,
         "threads": torch.get_num_threads(),
         "hparams": job.hparams,
         "evaluations": [r.to_dict() for r in evaluations],
@@ -275,10 +289,12 @@ def evaluate_final_model(
         scalings = []
     if not multiples and not on_train:
         return [], [], {}
+    # the multiples multiply the training context, or final_eval.base_length (a fine-tuned model's original length)
     seq_length, batch_size = module.config.seq_length, cfg.final_eval.batch_size
+    base = cfg.final_eval.get("base_length") or seq_length
     dtype = torch.bfloat16 if "bf16" in precision else None
     val = datamodule.split("val")
-    results = [evaluate(module.model, val, m * seq_length, batch_size, dtype) for m in multiples]
+    results = [evaluate(module.model, val, m * base, batch_size, dtype) for m in multiples]
     tables = [f"Validation split:\n\n{results_table(results, seq_length)}"] if results else []
     scaled = {}
     if scalings:  # the same weights read with each context extension; then the model as trained again
@@ -287,7 +303,7 @@ def evaluate_final_model(
             scaled[scaling] = []
             for m in (m for m in multiples if m > 1):
                 model.extend_context(scaling, float(m), trained.original_length)
-                scaled[scaling].append(evaluate(model, val, m * seq_length, batch_size, dtype))
+                scaled[scaling].append(evaluate(model, val, m * base, batch_size, dtype))
                 scaled[scaling][-1].note = f"{scaling} x{m}"
         model.extend_context(trained.scaling, trained.scaling_factor, trained.original_length)
         rows = [r for method in scaled.values() for r in method]

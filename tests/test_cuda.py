@@ -153,3 +153,34 @@ def test_the_blocks_techniques_on_cuda_give_the_cpus_logits_and_gradients_eager_
     tok = CharTokenizer("".join(chr(ord("a") + i) for i in range(26)) + " .,;:!?'-ABCDEFGHIJKLM"[:14])
     kwargs = dict(prompt="abc", max_new_tokens=30, temperature=0)
     assert generate(model.eval(), tok, exact=True, **kwargs) == generate(model, tok, kv_cache=False, **kwargs)
+
+
+LENGTH_OPTIONS = {
+    "gqa1": dict(n_kv_head=1),
+    "window_sinks_gqa2": dict(attention_window=16, attention_sinks=2, n_kv_head=2),
+    "yarn_partial": dict(
+        pos_encoding={"name": "rope", "scaling": "yarn", "scaling_factor": 4.0, "rotary_fraction": 0.5}
+    ),
+}
+
+
+@pytest.mark.parametrize("option", LENGTH_OPTIONS)
+@pytest.mark.parametrize("pe", ["rope", "t5", "xpos", "fire"])
+def test_the_length_options_on_cuda_give_the_cpus_logits_and_the_graph_captured_steps_text(pe, option):
+    settings = dict(LENGTH_OPTIONS[option])
+    if "pos_encoding" in settings and pe != "rope":
+        pytest.skip("a context extension is RoPE's")
+    settings.setdefault("pos_encoding", {"name": pe})
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=len(VOCAB), seq_length=24, n_layer=2, n_head=4, n_embd=64, **settings)
+    model = Transformer(config).eval()
+    idx = torch.randint(0, len(VOCAB), (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        on_cpu = model(idx)
+        on_gpu = model.cuda()(idx.cuda()).cpu()
+    assert torch.allclose(on_gpu, on_cpu, atol=1e-3), (on_gpu - on_cpu).abs().max()
+    tok = CharTokenizer(VOCAB)
+    kwargs = dict(prompt="To be", max_new_tokens=60, temperature=0, exact=True)  # past the window and the context
+    assert generate(model, tok, compile=True, **kwargs) == generate(model, tok, **kwargs)
+    short = dict(kwargs, max_new_tokens=19)
+    assert generate(model, tok, **short) == generate(model, tok, kv_cache=False, **short)

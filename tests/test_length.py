@@ -131,7 +131,8 @@ def test_t5_buckets_are_exact_then_logarithmic():
 
 def reference_attention_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
     """The model with grouped-query attention and a window written out plainly: repeated key/value heads, a
-    boolean mask of what each query sees."""
+    boolean mask of what each query sees (the block's own norms and MLP, whose equivalence tests/test_techniques.py
+    checks, in the order its options put them)."""
     config = model.config
     B, T = idx.shape
     H, H_kv, D = config.n_head, config.kv_heads, config.head_dim
@@ -143,11 +144,12 @@ def reference_attention_logits(model: Transformer, idx: torch.Tensor) -> torch.T
     x = model.token_embedding(idx)
     if model.position is not None:
         x = x + model.position(0, T)
-    for block in model.blocks:
-        attn = block.attn
-        h = block.ln_1(x)
+
+    def attention(attn, h):
         q, k, v = attn.qkv(h).split([H * D, H_kv * D, H_kv * D], -1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
         if model.rope is not None:
             q, k = model.rope.rotate_qk(q, k, 0)
         k, v = k.repeat_interleave(H // H_kv, dim=2), v.repeat_interleave(H // H_kv, dim=2)
@@ -156,9 +158,16 @@ def reference_attention_logits(model: Transformer, idx: torch.Tensor) -> torch.T
             scores = scores + model.relative_bias.bias(positions, positions, scores.dtype).nan_to_num(neginf=0)
         scores = scores.masked_fill(~visible, -math.inf)
         y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, -1)
-        x = x + attn.proj(y)
-        x = x + block.mlp(block.ln_2(x))
-    return model.head(model.ln_f(x))
+        return attn.proj(y)
+
+    for block in model.blocks:
+        if block.post_norm:
+            x = block.ln_1(x + attention(block.attn, x))
+            x = block.ln_2(x + block.mlp(x))
+        else:
+            x = x + attention(block.attn, block.ln_1(x))
+            x = x + block.mlp(block.ln_2(x))
+    return model.cap_logits(model.head(model.ln_f(x)))
 
 
 ENCODINGS = ["rope", "xpos", "alibi", "t5", "fire", "learned", "none"]
@@ -170,11 +179,19 @@ ATTENTION = {
 }
 
 
+BLOCKS = {  # the block's techniques (docs/configuration.md), two recipes that use them all
+    "gpt2": {},
+    "modern": dict(norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, logit_softcap=30.0),
+    "post_swiglu": dict(norm_position="post", mlp="swiglu"),
+}
+
+
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("option", ATTENTION)
 @pytest.mark.parametrize("pe", ENCODINGS)
-def test_attention_options_match_the_plain_reference_in_values_and_gradients(pe, option):
+def test_attention_options_match_the_plain_reference_in_values_and_gradients(pe, option, block):
     """float64: the CPU block kernel; float32 (below) takes the fused kernel where it can."""
-    model = model_with(pe, **ATTENTION[option]).train()
+    model = model_with(pe, **ATTENTION[option], **BLOCKS[block]).train()
     idx = torch.randint(0, len(VOCAB), (3, 20))
     fast = model(idx)
     grads = torch.autograd.grad(fast.square().sum(), list(model.parameters()), allow_unused=True)
@@ -211,11 +228,12 @@ def test_one_kv_head_per_query_head_is_the_model_of_today():
         assert torch.equal(default(idx), explicit(idx))
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("option", [{}, *ATTENTION.values()])
 @pytest.mark.parametrize("pe", ENCODINGS)
-def test_decoding_steps_equal_the_full_forward(pe, option):
+def test_decoding_steps_equal_the_full_forward(pe, option, block):
     """Prefill, then one position at a time: every step's logits equal the uncached forward's at that position."""
-    model = model_with(pe, **option)
+    model = model_with(pe, **option, **BLOCKS[block])
     idx = torch.randint(0, len(VOCAB), (2, 24))
     with torch.no_grad():
         full = model(idx)
@@ -296,3 +314,97 @@ def test_bad_length_settings_get_one_clear_error(settings, match):
 def test_extending_a_model_without_rope_is_refused():
     with pytest.raises(ConfigError, match="uses alibi positions"):
         model_with("alibi").extend_context("yarn", 2.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The commands: train, resume, evaluate and generate with the options, a context extension on a checkpoint
+
+
+def test_a_gqa_windowed_rope_run_trains_resumes_and_takes_a_context_extension_at_evaluation(tmp_path, corpus, cli):
+    import json
+
+    from helpers import only_run
+
+    common = [f"data.path={corpus}", "model=tiny", "data.seq_length=32", "data.batch_size=8", "logger=csv"]
+    common += ["callbacks.text_sample.max_new_tokens=0", "trainer.val_check_interval=10", "trainer.precision=32-true"]
+    common += ["model.n_kv_head=1", "model.attention_window=16", "model.attention_sinks=2"]
+    common += ["model.pos_encoding.rotary_fraction=0.5"]
+    cli.train([*common, "trainer.max_steps=20"], tmp_path)
+    run = only_run(tmp_path / "outputs")
+    cli.train([*common, "trainer.max_steps=30", f"resume={run}"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 30
+    ckpt = run / "checkpoints" / "last.ckpt"
+    plain = cli.script("evaluate.py", f"ckpt={ckpt}", "precision=32", "context_lengths=[32,64,128]")
+    assert "| 32 |" in plain.stdout and "yarn" not in plain.stdout
+    yarn = cli.script(
+        "evaluate.py", f"ckpt={ckpt}", "precision=32", "context_lengths=[32,64,128]", "model.pos_encoding.scaling=yarn"
+    )
+    report = json.loads((run / "checkpoints" / "last.ctx32-64-128.yarn.eval.json").read_text())
+    rows = {r["context_length"]: r for r in report["results"]}
+    assert [rows[n]["note"] for n in (32, 64, 128)] == ["yarn x1 of 32", "yarn x2 of 32", "yarn x4 of 32"]
+    # a factor of 1 leaves the model as trained; the training length reads the same either way
+    assert rows[32]["loss"] == pytest.approx(summary["metrics"]["val/loss"], abs=1e-4)
+    assert "| 128 |" in yarn.stdout
+    fixed = cli.script(
+        "evaluate.py",
+        f"ckpt={ckpt}",
+        "precision=32",
+        "context_lengths=128",
+        "model.pos_encoding.scaling=linear",
+        "model.pos_encoding.scaling_factor=4",
+    )
+    assert "linear x4 of 32" in fixed.stdout and (run / "checkpoints" / "last.ctx128.linear4.eval.md").exists()
+    text = cli.script(
+        "generate.py", f"ckpt={run}", "prompt=ab", "max_new_tokens=100", "seed=0", "model.pos_encoding.scaling=ntk"
+    )
+    assert "rope positions (ntk x1 of 32)" in text.stderr and len(text.stdout.rstrip("\n")) >= 100
+    for refused in ("model.pos_encoding.rotary_fraction=1.0", "model.n_kv_head=2", "+model.pos_encoding.scaling=yarn"):
+        result = cli.script("evaluate.py", f"ckpt={ckpt}", refused, check=False)
+        assert result.returncode == 1 and "come from its checkpoint" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    # fine-tuning at twice the length with Position Interpolation: a new run from the weights, its own optimizer
+    longer = [a for a in common if not a.startswith("data.seq_length")] + ["data.seq_length=64"]
+    longer += ["model.pos_encoding.scaling=linear", "model.pos_encoding.scaling_factor=2"]
+    longer += ["model.pos_encoding.original_length=32", "trainer.max_steps=6", f"init_from={run}"]
+    finetune_dir = tmp_path / "finetune"
+    result = cli.train([*longer, "final_eval.context_multiples=[1,2]", "final_eval.base_length=32"], finetune_dir)
+    assert f"starting from the weights of {run / 'checkpoints' / 'best.ckpt'} (step" in result.stderr
+    tuned = only_run(finetune_dir / "outputs")
+    saved = torch.load(tuned / "checkpoints" / "last.ckpt", weights_only=True)["transformer_lm"]["model_config"]
+    assert saved["seq_length"] == 64 and saved["pos_encoding"]["scaling"] == "linear"
+    tuned_summary = json.loads((tuned / "summary.json").read_text())
+    assert tuned_summary["global_step"] == 6 and tuned_summary["eval_base_length"] == 32
+    assert [r["context_length"] for r in tuned_summary["evaluations"]] == [32, 64]
+    # what shapes the weights must match, as for ckpt_path=
+    refused = cli.train([*longer, "model.n_kv_head=2"], tmp_path / "refused", check=False)
+    assert refused.returncode == 1 and "the checkpoint's model has model.n_kv_head=1" in refused.stderr
+
+
+def test_a_context_extension_on_a_checkpoint_without_rope_is_one_clear_error(tmp_path, corpus, cli):
+    from helpers import only_run
+
+    common = [f"data.path={corpus}", "model=tiny", "data.seq_length=32", "data.batch_size=8", "logger=csv"]
+    cli.train([*common, "pos_encoding=t5", "trainer.max_steps=4", "callbacks.text_sample.max_new_tokens=0"], tmp_path)
+    run = only_run(tmp_path / "outputs")
+    result = cli.script("evaluate.py", f"ckpt={run}", "model.pos_encoding.scaling=yarn", check=False)
+    assert result.returncode == 1 and "uses t5 positions" in result.stderr
+    assert not list((run / "checkpoints").glob("*.eval.md"))
+
+
+def test_a_compiled_step_slides_a_windowed_gqa_cache_as_the_eager_one():
+    """The compiled step attends over the whole cache under a mask built from each slot's position: past the
+    sinks and window, through the ring's rewinds, it writes the eager step's text."""
+    model = model_with("rope", dtype=torch.float32, attention_window=6, attention_sinks=2, n_kv_head=2)
+    tok = CharTokenizer(VOCAB)
+    kwargs = dict(prompt="abc", max_new_tokens=40, temperature=0, exact=True)
+    assert generate(model, tok, compile=True, **kwargs) == generate(model, tok, **kwargs)
+
+
+def test_init_from_refuses_to_go_with_resume_or_ckpt_path(tmp_path, corpus, cli):
+    common = [f"data.path={corpus}", "model=tiny", "data.seq_length=32", "trainer.max_steps=2"]
+    result = cli.train([*common, f"init_from={tmp_path}", f"ckpt_path={tmp_path}/x.ckpt"], tmp_path, check=False)
+    assert result.returncode == 1 and "init_from= starts a new run" in result.stderr
+    result = cli.train([*common, f"init_from={tmp_path}/missing.ckpt"], tmp_path, check=False)
+    assert result.returncode == 1 and "pass init_from= a .ckpt file or a run directory" in result.stderr
+    assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())

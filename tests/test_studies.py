@@ -24,6 +24,12 @@ STUDIES = {  # what each varies, and the multiples of its context the final mode
     "scaling_study": ("rung", ["w32", "w64", "w96", "w128", "w160"], [1]),
     "context_study": ("data.seq_length", ["64", "128", "256", "512"], [1, 2]),
     "data_study": ("data.train_fraction", ["0.125", "0.25", "0.5", "1.0"], [1]),
+    "length_study": (
+        "length_arm",
+        "learned,sinusoidal,rope,alibi,none,t5,xpos,fire,rope_quarter,rope_half,rope_base500,rope_base500k,gqa1,gqa2,"
+        "window,window_sinks,rope_finetune_linear,rope_finetune_yarn".split(","),
+        [1, 2, 4, 8],
+    ),
 }
 # a study shrunk to seconds: tiny model, a few steps, part of the validation split
 SHRINK = [*TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=3"]
@@ -69,6 +75,68 @@ def test_the_scaling_ladder_spans_30x_in_parameters_with_lr_times_width_constant
     assert products == pytest.approx([8e-3 * 128] * len(products), rel=1e-3), "the rule: lr = 8e-3 x 128 / width"
 
 
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+def test_each_length_arm_builds_the_model_it_names(budget):
+    from lm.model import POSITIONAL_ENCODINGS, Transformer, TransformerConfig
+
+    expected = {
+        "rope_quarter": ("rope", lambda c: c.pos_encoding.rotary_fraction == 0.25),
+        "rope_base500k": ("rope", lambda c: c.pos_encoding.base == 500_000),
+        "gqa1": ("rope", lambda c: c.kv_heads == 1),
+        "window": ("rope", lambda c: c.attention_window == c.seq_length // 2 and c.attention_sinks == 0),
+        "window_sinks": ("rope", lambda c: c.attention_window == c.seq_length // 2 and c.attention_sinks == 4),
+        "fire": ("fire", lambda c: c.kv_heads == c.n_head and c.attention_window is None),
+        # fine-tuned at twice the budget's length from the rope arm's model, Position Interpolation by 2
+        "rope_finetune_linear": (
+            "rope",
+            lambda c: (
+                (c.pos_encoding.scaling, c.pos_encoding.scaling_factor, c.seq_length)
+                == ("linear", 2.0, 2 * c.pos_encoding.original_length)
+            ),
+        ),
+    }
+    for arm in STUDIES["length_study"][1]:
+        cfg = composed("experiment=length_study", f"study={budget}", f"length_arm={arm}")
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        config = TransformerConfig(vocab_size=65, **{k: v for k, v in model.items() if k != "compile"})
+        Transformer(config)
+        name, check = expected.get(arm, (arm if arm in POSITIONAL_ENCODINGS else "rope", lambda c: True))
+        assert config.pos_encoding.name == name and check(config), arm
+        # the rope arm alone is also read with each context extension; the fine-tuned arms at the budget's lengths
+        assert bool(cfg.final_eval.rope_scalings) == (arm == "rope")
+        if arm.startswith("rope_finetune"):
+            assert cfg.final_eval.base_length == cfg.study_length and cfg.trainer.max_steps == 100
+            assert str(OmegaConf.to_container(cfg)["init_from"]) == "${lm_sweep_job:'length_arm=rope'}"
+
+
+def test_the_length_report_gives_each_arm_and_extension_its_loss_against_context_with_standard_errors(tmp_path):
+    for i, (arm, seed) in enumerate((a, s) for a in ("rope", "alibi", "learned") for s in (1, 2, 3)):
+        job = tmp_path / f"{i}_length_arm-{arm}+seed-{seed}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"length_arm={arm}", f"seed={seed}"]))
+        loss = {"rope": 1.7, "alibi": 1.8, "learned": 1.75}[arm] + 0.01 * seed
+        summary = {"status": "finished", "parameters": 800_000, "seq_length": 128, "fit_seconds": 10.0}
+        summary["metrics"] = {"val/loss": loss, "val/bpc": loss / 0.693, "val/best_loss": loss}
+        summary["evaluations"] = [
+            {"context_length": 128 * m, "loss": None if arm == "learned" and m > 1 else loss + 0.1 * (m - 1), "bpc": 0}
+            for m in (1, 2, 4, 8)
+        ]
+        if arm == "rope":
+            summary["scaled_evaluations"] = {
+                "yarn": [{"context_length": 128 * m, "loss": loss + 0.01 * m, "bpc": 0} for m in (2, 4, 8)]
+            }
+        (job / "summary.json").write_text(json.dumps(summary))
+    written = write_sweep_report(tmp_path)
+    assert written["length.png"].stat().st_size > 0
+    report = (tmp_path / "results.md").read_text()
+    rows = {line.split(" | ")[0][2:]: line for line in report.splitlines() if line.startswith("| length_arm=")}
+    # mean over seeds 1-3 and its standard error, sd / sqrt(3) = 0.01 / sqrt(3)
+    assert "| 3 | 1.7200 ± 0.0058 | 1.8200 ± 0.0058 | 2.0200 ± 0.0058 | 2.4200 ± 0.0058 |" in rows["length_arm=rope"]
+    assert "| 1.7200 ± 0.0058 | 1.7400 ± 0.0058 | 1.7600 ± 0.0058 | 1.8000 ± 0.0058 |" in rows["length_arm=rope + yarn"]
+    assert rows["length_arm=learned"].endswith("| n/a | n/a | n/a |")
+    assert "8x (1024)" in report and "loss @8x ctx" in report
+
+
 def test_the_context_study_keeps_the_characters_per_step():
     for length in STUDIES["context_study"][1]:
         cfg = composed("experiment=context_study", f"data.seq_length={length}")
@@ -89,9 +157,8 @@ def test_the_gpu_budget_composes_with_every_study(study):
     cfg = composed(f"experiment={study}", "study=gpu")
     assert cfg.hydra.sweeper.params[STUDIES[study][0]].split(",") == STUDIES[study][1], "the study's own sweep"
     assert cfg.model.compile == "auto" and cfg.tokens_per_step == 64 * 256
-    assert cfg.trainer.max_steps == {"context_study": 500, "data_study": 1000, "scaling_study": 1600}.get(
-        study, 1500
-    ), "a study's own length"
+    own = {"context_study": 500, "data_study": 1000, "scaling_study": 1600, "length_study": 500}
+    assert cfg.trainer.max_steps == own.get(study, 1500), "a study's own length"
     assert cfg.hydra.launcher.n_jobs == 3 and "Joblib" in cfg.hydra.launcher._target_
     if study in ("pe_study", "init_study"):  # nanoGPT's Shakespeare size and data, Muon at 1e-2
         assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.dropout) == (6, 384, 0.2)
@@ -418,3 +485,24 @@ def test_an_optuna_search_starts_without_its_libraries_notices(tmp_path, corpus)
     output = result.stdout + result.stderr
     assert "Study name: optuna_lr" in output
     assert "setup plugin" not in output and "A new study created" not in output, output[:2000]
+
+
+def test_a_fine_tuned_arm_starts_from_its_own_seeds_rope_job_of_the_same_sweep(tmp_path):
+    from omegaconf import open_dict
+
+
+    cfg = composed("experiment=length_study", "length_arm=rope_finetune_yarn", "seed=2")
+    with open_dict(cfg):
+        cfg.hydra.sweep.dir = str(tmp_path)
+        cfg.hydra.overrides.task = ["length_arm=rope_finetune_yarn", "seed=2", "experiment=length_study"]
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(Exception, match="run that job first"):  # OmegaConf wraps the resolver's ConfigError
+        _ = cfg.init_from
+    for i, seed in enumerate([1, 2]):
+        job = tmp_path / f"{i}_length_arm-rope+seed-{seed}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / "checkpoints").mkdir()
+        (job / "checkpoints" / "last.ckpt").touch()
+        overrides = ["length_arm=rope", f"seed={seed}", "experiment=length_study", f"resume={tmp_path}"]
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    assert cfg.init_from == str(tmp_path / "1_length_arm-rope+seed-2" / "checkpoints" / "last.ckpt")

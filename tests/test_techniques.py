@@ -369,7 +369,7 @@ def test_a_modern_run_trains_resumes_evaluates_past_its_context_and_generates(tm
     assert len(text.rstrip("\n")) >= 80
 
 
-def test_ddp_trains_the_modern_block_on_two_processes(tmp_path, corpus):
+def test_ddp_trains_the_modern_block_with_gqa_and_a_window_on_two_processes(tmp_path, corpus):
     run_train(
         [
             f"data.path={corpus}",
@@ -382,6 +382,9 @@ def test_ddp_trains_the_modern_block_on_two_processes(tmp_path, corpus):
             "logger=csv",
             "callbacks.text_sample.max_new_tokens=0",
             *MODERN_OVERRIDES,
+            "model.n_kv_head=1",
+            "model.attention_window=16",
+            "model.attention_sinks=2",
         ],
         tmp_path,
         python_warnings=None,

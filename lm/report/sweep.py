@@ -135,7 +135,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def _evaluation(job: JobRecord, multiple: int) -> float | None:
-    seq_length = job.summary.get("seq_length")
+    seq_length = job.summary.get("eval_base_length") or job.summary.get("seq_length")
     for result in job.summary.get("evaluations", []):
         if seq_length and result["context_length"] == multiple * seq_length:
             return result["loss"]
@@ -168,6 +168,7 @@ def sweep_table(sweep_dir: Path | str, jobs: list[JobRecord] | None = None) -> l
             "val_bpc": [m.get("val/bpc") for m in metrics],
             "val_loss_2x": [_evaluation(j, 2) for j in done],
             "val_loss_4x": [_evaluation(j, 4) for j in done],
+            "val_loss_8x": [_evaluation(j, 8) for j in done],
             "train_loss": train_losses,
             "gap": [
                 m.get("val/loss") - t if t is not None and m.get("val/loss") is not None else None
@@ -197,6 +198,7 @@ COLUMNS = {  # key: (header, digits); columns with no value in any row are left 
     "val_bpc": ("val bpc", 4),
     "val_loss_2x": ("loss @2x ctx", 4),
     "val_loss_4x": ("loss @4x ctx", 4),
+    "val_loss_8x": ("loss @8x ctx", 4),
     "train_loss": ("train loss", 4),
     "gap": ("val - train", 4),
     "tokens_per_s": ("tokens/s", 0),

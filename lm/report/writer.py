@@ -6,6 +6,7 @@ import csv
 import signal
 from pathlib import Path
 
+from lm.report.length import length_plot, length_rows, length_table
 from lm.report.plots import write_plots
 from lm.report.scaling import frontier_handovers, size_sweep
 from lm.report.sweep import load_sweep, markdown_table, sweep_table
@@ -29,6 +30,21 @@ def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
         written["results.csv"].write_text("")
     sizes = size_sweep(jobs, rows)
     written.update(write_plots(sweep_dir, jobs, rows, sizes))
+    lengths = length_rows(jobs)
+    seq_lengths = {
+        j.summary.get("eval_base_length") or j.summary.get("seq_length") for j in jobs if j.status == "finished"
+    }
+    seq_length = seq_lengths.pop() if len(seq_lengths) == 1 else None  # the table's headings name it when shared
+    if lengths:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if (fig := length_plot(plt, lengths, seq_length)) is not None:
+            written["length.png"] = sweep_dir / "length.png"
+            fig.savefig(written["length.png"], dpi=120, bbox_inches="tight")
+            plt.close(fig)
     not_finished = [j for j in jobs if j.status != "finished"]
     lines = [f"# Results: {sweep_dir.name}", ""]
     if signum := stop_signal(sweep_dir):
@@ -37,7 +53,7 @@ def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
             f"finished** (listed below); `{continue_command(sweep_dir)}` runs them and writes this report again."
         )
         lines.append("")
-    longer = [m for m in ("2x", "4x") if any(r.get(f"val_loss_{m}") is not None for r in rows)]
+    longer = [m for m in ("2x", "4x", "8x") if any(r.get(f"val_loss_{m}") is not None for r in rows)]
     header = (
         f"{len(jobs)} jobs: {states_line([j.status for j in jobs])}; mean ± standard deviation over finished seeds. "
         "Validation loss in nats per character, over the whole validation split"
@@ -62,11 +78,21 @@ def write_sweep_report(sweep_dir: Path | str) -> dict[str, Path]:
             ]
             lines += [f"- {line}" for line in handovers]
         lines.append("")
+    if lengths:
+        lines += [
+            "Validation loss against the context the final model reads (nats per character, mean ± standard error "
+            "over seeds; '+ method': a RoPE model read with that context extension by the factor each length needs, "
+            "no training; n/a: learned positions cannot):",
+            "",
+            length_table(lengths, seq_length),
+            "",
+        ]
     if not_finished:
         lines.append("Not finished:")
         lines += [f"- `{job.path.name}`: {job.state}" for job in not_finished]
         lines.append("")
-    for name in ("val_loss.png", "extrapolation.png", "scaling.png", "compute.png", "context.png", "train_val.png"):
+    figures = ("val_loss.png", "extrapolation.png", "length.png", "scaling.png", "compute.png", "context.png")
+    for name in (*figures, "train_val.png"):
         if name in written:
             lines.append(f"![{name}]({name})")
     written["results.md"].write_text("\n".join(lines) + "\n")
