@@ -490,7 +490,6 @@ def test_an_optuna_search_starts_without_its_libraries_notices(tmp_path, corpus)
 def test_a_fine_tuned_arm_starts_from_its_own_seeds_rope_job_of_the_same_sweep(tmp_path):
     from omegaconf import open_dict
 
-
     cfg = composed("experiment=length_study", "length_arm=rope_finetune_yarn", "seed=2")
     with open_dict(cfg):
         cfg.hydra.sweep.dir = str(tmp_path)
