@@ -47,11 +47,15 @@ def attention_step(
             qkv = torch.bmm(rows, rotation).view(3, B, H, D).transpose(0, 1)
         q, kv_new = qkv[:, 0], qkv[:, 1:]
     else:
-        q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=1)
-        q, k, v = q.view(B, H, D), k.view(B, H_kv, D), v.view(B, H_kv, D)
+        heads = qkv.view(B, H + 2 * H_kv, D)
+        q, k, v = heads.split([H, H_kv, H_kv], dim=1)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        if rotation is not None:
+        if rotation is not None and rotation.dim() == 2:  # one rotation for queries and keys: one product over
+            # all heads, the values' rows included (cheaper than copying the others out first), values kept as were
+            rotated = (torch.cat([q, k], dim=1) if attn.q_norm is not None else heads) @ rotation
+            q, k = rotated[:, :H], rotated[:, H : H + H_kv]
+        elif rotation is not None:  # xPos: the query's and the key's apart
             q, k = q @ rotation[0], k @ rotation[1]
         kv_new = torch.stack([k, v], dim=1)
     kv = cache.kv[attn.layer]
@@ -220,25 +224,33 @@ def decode_step(model: Transformer, ids: torch.Tensor, position: torch.Tensor, c
     if model.rope is not None:
         table = model.rope.decoding_rotations(decoding_positions(cache.max_length), x.dtype, cache.max_length)
         rotation = table.index_select(0, at).squeeze(0)
+        if model.config.kv_heads != model.config.n_head and model.config.pos_encoding.name == "rope":
+            rotation = rotation[1]  # queries and keys turn alike: grouped-query attention rotates them together
     slot = cache.slot(position)  # past max_length, a sliding cache's oldest slot after the sinks
     cache.slot_positions.index_copy_(0, slot.view(1), at)
     # the slots attended to; eager, the filled ones (the position's, and those before it or, once the cache has
     # slid, all): at batch 8, a quarter of a step's time goes to reading keys and values
-    span = cache.max_length if torch.compiler.is_compiling() else min(cache.length + 1, cache.max_length)
+    compiling = torch.compiler.is_compiling()
+    span = cache.max_length if compiling else min(cache.length + 1, cache.max_length)
     keys_at = cache.slot_positions[:span]  # each slot's position
     config = model.config
-    seen = (keys_at > UNFILLED) & (keys_at <= position)
-    if config.windowed:
-        seen &= (position - keys_at < config.attention_window) | (keys_at < cache.sinks)
-    # 0 where a key is visible, -inf elsewhere: built once per step, added to every layer's scores
-    hidden = torch.zeros_like(keys_at, dtype=x.dtype).masked_fill_(~seen, -math.inf)
+    # eager, every slot in the span is filled (at or before this position); compiled, the span is the whole cache
+    seen = keys_at > UNFILLED if compiling else None
+    # a window's own cache (sinks + W slots) holds only what the window sees; a longer one needs the mask
+    if config.windowed and (compiling or cache.max_length - cache.sinks > config.attention_window):
+        in_window = (position - keys_at < config.attention_window) | (keys_at < cache.sinks)
+        seen = in_window if seen is None else seen & in_window
+    # 0 where a key is visible, -inf elsewhere (or the bias): built once per step, added to every layer's scores
     if model.relative_bias is not None:  # per head, in the attention products' layout: (B * H_kv, group, span)
-        bias = model.relative_bias.bias(at, keys_at.clamp(min=UNFILLED // 2), x.dtype)
-        bias = bias.masked_fill(~seen, -math.inf)  # (H, 1, span)
+        bias = model.relative_bias.bias(at, keys_at.clamp(min=UNFILLED // 2), x.dtype)  # (H, 1, span)
+        if seen is not None:
+            bias = bias.masked_fill(~seen, -math.inf)
         H_kv = config.kv_heads
         visible = bias.view(H_kv, -1, span).expand(x.shape[0], H_kv, -1, span).reshape(-1, config.n_head // H_kv, span)
     else:
-        visible = hidden.view(1, 1, -1)
+        visible = torch.zeros(1, 1, span, dtype=x.dtype, device=x.device)
+        if seen is not None:
+            visible.masked_fill_(~seen, -math.inf)
     for block in model.blocks:
         x = block_step(block, x, slot, visible, rotation, cache)
     return model.cap_logits(decode_linear(model.ln_f(x), model.head, cache.matrices.get(model.head)))

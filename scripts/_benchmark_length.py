@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from _benchmark_training import SHAKESPEARE_ALPHABET, SHAPES, bench_techniques, preset_config
 
-from lm.decoding import cache_length
+from lm.decoding import cache_length, decode_step, rewind_cache
 from lm.generate import generate
 from lm.model import KVCache, PositionalEncodingConfig, Transformer
 from lm.tokenizer import CharTokenizer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # generation and decoding steps run where training does
 
 
 def length_options(seq_length: int) -> dict[str, dict]:
@@ -74,8 +76,8 @@ def bench_length_generation(preset: str, multiples=(1, 8, 32), repeats: int = 3)
             settings["attention_window"] = base.seq_length // 2
         torch.manual_seed(0)
         config = type(base)(**{**base.to_dict(), **settings})
-        models[name] = Transformer(config).eval()
-        cache_bytes[name] = KVCache(config, 1, cache_length(models[name]), "cpu", torch.float32).memory_bytes()
+        models[name] = Transformer(config).to(DEVICE).eval()
+        cache_bytes[name] = KVCache(config, 1, cache_length(models[name]), DEVICE, torch.float32).memory_bytes()
         generate(models[name], tokenizer, "\n", 50, seed=0, exact=True)  # warm-up
     rows = []
     for multiple in multiples:
@@ -96,4 +98,40 @@ def bench_length_generation(preset: str, multiples=(1, 8, 32), repeats: int = 3)
                     "cache_kib": cache_bytes[name] / 1024,
                 }
             )
+    return rows
+
+
+def bench_decoding_steps(presets, steps: int = 100, rounds: int = 9) -> list[dict]:
+    """Microseconds per cached decoding step (one stream, fp32, exact weights) of each GENERATION_MODELS model at
+    each size: the models take turns in every round, the median round counts."""
+    rows = []
+    for preset in presets:
+        base = preset_config(preset)
+        models = {}
+        for name, settings in GENERATION_MODELS.items():
+            settings = dict(settings)
+            if settings.pop("window", False):
+                settings["attention_window"] = base.seq_length // 2
+            torch.manual_seed(0)
+            models[name] = Transformer(type(base)(**{**base.to_dict(), **settings})).to(DEVICE).eval()
+        times = {name: [] for name in models}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for name, model in models.items():
+                    cache = KVCache(model.config, 1, cache_length(model), DEVICE, torch.float32)
+                    model(torch.zeros(1, 1, dtype=torch.long, device=DEVICE), cache)
+                    ids = torch.zeros(1, dtype=torch.long, device=DEVICE)
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        decode_step(model, ids, cache.positions[cache.length], cache)
+                        cache.length += 1
+                        if cache.length == 2 * cache.max_length:
+                            rewind_cache(model, cache)
+                    if DEVICE == "cuda":
+                        torch.cuda.synchronize()
+                    times[name].append((time.perf_counter() - start) / steps * 1e6)
+        full = float(np.median(times["full attention"]))
+        for name in models:
+            us = float(np.median(times[name]))
+            rows.append({"preset": preset, "model": name, "us_per_step": us, "vs_full": us / full})
     return rows

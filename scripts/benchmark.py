@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from _benchmark_generation import bench_generation
-from _benchmark_length import bench_length_generation, bench_length_steps
+from _benchmark_length import bench_decoding_steps, bench_length_generation, bench_length_steps
 from _benchmark_runs import bench_quality, bench_run, reached_nanogpt
 from _benchmark_tables import (
     CORPUS_COLUMNS,
@@ -92,6 +92,11 @@ def parse_args(device: str) -> argparse.Namespace:
     )
     parser.add_argument(
         "--technique-rounds", type=int, default=60, help="techniques: timed rounds (one step of every option each)"
+    )
+    parser.add_argument(
+        "--length-decoding-presets",
+        default="mini,base",
+        help="length: the sizes to time a cached decoding step at, with and without GQA and a window",
     )
     parser.add_argument("--run-corpus", type=Path, help="run: the corpus of both runs (default Tiny Shakespeare)")
     parser.add_argument("--train-args", default="", help='run: overrides for our run, e.g. "trainer.max_steps=1000"')
@@ -208,7 +213,11 @@ def length_part(args, precisions: list[str], compile: bool, report: dict) -> Non
     title = "Cached generation past the training length (one stream, fp32, exact), and the KV cache it keeps"
     columns = {"preset": "size", "model": "model", "characters": "characters", "chars_per_s": "chars/s"}
     print_table(title, generation, {**columns, "cache_kib": "KV cache KiB"})
-    report["length"] = {"steps": rows, "generation": generation}
+    decoding = bench_decoding_steps([p for p in args.length_decoding_presets.split(",") if p])
+    title = "A cached decoding step (one stream, fp32, exact), against full attention's"
+    columns = {"preset": "size", "model": "model", "us_per_step": "us/step", "vs_full": "x full"}
+    print_table(title, decoding, columns)
+    report["length"] = {"steps": rows, "generation": generation, "decoding": decoding}
 
 
 def run_part(args, report: dict) -> None:

@@ -28,7 +28,7 @@ def run_benchmark(*args: str) -> subprocess.CompletedProcess:
 def test_benchmark_runs_with_the_tiny_preset(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--presets", "tiny", "--steps", "2", "--warmup", "1", "--generate-chars", "20", "--corpus-mb", "1"]
-    result = run_benchmark(*tiny, "--skip", "techniques", "--out", str(out))
+    result = run_benchmark(*tiny, "--skip", "techniques,length", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     # bf16 only where the CPU has it natively (emulated, it is ~100x slower than fp32)
@@ -75,6 +75,27 @@ def test_the_techniques_part_times_every_model_option_against_the_default(tmp_pa
     assert names[0].startswith("default") and set(options + ["tie_embeddings=false", "logit_softcap=30"]) < set(names)
     assert rows[0]["vs_default"] == 1.0 and all(row["ms_per_step"] > 0 for row in rows)
     assert "model option" in result.stdout and "Slowest single option:" in result.stdout
+
+
+def test_the_length_part_times_each_option_and_generation_past_the_context_with_its_cache(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--only", "length", "--technique-presets", "tiny", "--precisions", "32-true", "--technique-rounds", "2"]
+    result = run_benchmark(*args, "--warmup", "1", "--length-decoding-presets", "tiny", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())["length"]
+    options = [row["option"] for row in report["steps"]]
+    assert options[0] == "default (rope)" and {"t5", "xpos", "fire", "n_kv_head=1", "attention_window=32"} < set(
+        options
+    )
+    assert report["steps"][0]["vs_default"] == 1.0 and all(row["ms_per_step"] > 0 for row in report["steps"])
+    cache = {(row["model"], row["characters"]): row["cache_kib"] for row in report["generation"]}
+    assert [c for m, c in cache if m == "full attention"] == ["64 (1x)", "512 (8x)", "2048 (32x)"]
+    # GQA's cache holds one key/value head of two; the window's, half the context; both fixed however long the text
+    assert cache["n_kv_head=1", "2048 (32x)"] == cache["full attention", "2048 (32x)"] / 2
+    assert cache["window T/2", "64 (1x)"] == cache["window T/2", "2048 (32x)"] == cache["full attention", "64 (1x)"] / 2
+    assert all(row["chars_per_s"] > 0 for row in report["generation"])
+    assert {row["model"] for row in report["decoding"]} == {row["model"] for row in report["generation"]}
+    assert "KV cache KiB" in result.stdout and "x full" in result.stdout
 
 
 def test_nanogpt_reference_recipe_trains(tmp_path):

@@ -408,3 +408,20 @@ def test_init_from_refuses_to_go_with_resume_or_ckpt_path(tmp_path, corpus, cli)
     result = cli.train([*common, f"init_from={tmp_path}/missing.ckpt"], tmp_path, check=False)
     assert result.returncode == 1 and "pass init_from= a .ckpt file or a run directory" in result.stderr
     assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
+
+
+@pytest.mark.parametrize("option", ATTENTION)
+@pytest.mark.parametrize("pe", ENCODINGS)
+def test_both_cpu_attention_paths_agree(pe, option, monkeypatch):
+    """Contexts past the CPU kernels' limit (long evaluations) take PyTorch's fused attention with the same mask and
+    rotation: the two paths give the same logits."""
+    import lm.model
+
+    model = model_with(pe, **ATTENTION[option])
+    idx = torch.randint(0, len(VOCAB), (2, 20))
+    with torch.no_grad():
+        kernels = model(idx)
+        monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_LENGTH", 0)
+        monkeypatch.setattr(lm.model, "CPU_KERNELS_MAX_SCORES", 0)
+        fused = model(idx)
+    torch.testing.assert_close(fused, kernels, atol=1e-10, rtol=0)

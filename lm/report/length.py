@@ -95,8 +95,8 @@ def length_plot(plt, rows: list[dict], seq_length: int | None):
             marker="o",
             markersize=3,
             capsize=2,
-            linestyle=styles[(i // 10) % len(styles)],
-            color=plt.cm.tab10(i % 10),
+            linestyle=styles[(i // 20) % len(styles)],
+            color=plt.cm.tab20(i % 20),
         )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
