@@ -20,7 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # generation and decodi
 
 
 def length_options(seq_length: int) -> dict[str, dict]:
-    """The options of issue "beyond the training length", as TransformerConfig changes; the first is the baseline
+    """The options for reading past the training length, as TransformerConfig changes; the first is the baseline
     (the default model: RoPE, full attention)."""
 
     def encoding(name: str, **settings) -> dict:
