@@ -284,9 +284,8 @@ def evaluate_final_model(
     if not all(is_count(m) for m in multiples):
         raise ConfigError(f"final_eval.context_multiples={multiples} must be positive integers, e.g. [1,2,4].")
     on_train = bool(cfg.final_eval.get("train_split", False))
-    scalings = list(cfg.final_eval.get("rope_scalings") or []) if module.model.rope is not None else []
-    if module.config.pos_encoding.name != "rope":
-        scalings = []
+    # context extensions are RoPE's alone (xPos rotates too, but takes none)
+    scalings = list(cfg.final_eval.get("rope_scalings") or []) if module.config.pos_encoding.name == "rope" else []
     if not multiples and not on_train:
         return [], [], {}
     # the multiples multiply the training context, or final_eval.base_length (a fine-tuned model's original length)
