@@ -20,10 +20,13 @@ COMMAND_LINE = "pass ckpt= a .ckpt file or a run directory"  # what a missing ch
 
 
 def find_checkpoint(path: str | Path, fix: str = COMMAND_LINE) -> Path:
-    """`path` itself if it is a file; for a run directory, its best checkpoint (else its last one). Where there is
-    none, a CheckpointError ending with `fix`, what the caller should do instead."""
+    """`path` itself if it is a file or an exported model (lm.hub.export); for a run directory, its best checkpoint
+    (else its last one). Where there is none, a CheckpointError ending with `fix`, what the caller should do
+    instead."""
+    from lm.hub.load import is_export
+
     path = Path(path).expanduser()
-    if path.is_file():
+    if path.is_file() or is_export(path):
         return path
     if path.is_dir():
         for candidate in ("checkpoints/best.ckpt", "best.ckpt", "checkpoints/last.ckpt", "last.ckpt"):
@@ -35,8 +38,13 @@ def find_checkpoint(path: str | Path, fix: str = COMMAND_LINE) -> Path:
 
 def read_checkpoint(path: str | Path, map_location="cpu", fix: str = COMMAND_LINE) -> tuple[dict, Path]:
     """The checkpoint's contents, loaded with `weights_only=True` (a file that would run code is refused), and the
-    file they came from (`find_checkpoint(path, fix)`)."""
+    file they came from (`find_checkpoint(path, fix)`). An exported model's directory reads as a checkpoint of its
+    weights alone, marked "exported" (`lm.hub.load.read_export`)."""
+    from lm.hub.load import is_export, read_export
+
     path = find_checkpoint(path, fix)
+    if is_export(path):
+        return read_export(path), path
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has lost its directory
         raise CheckpointError(
             f"{path} is truncated or not a PyTorch checkpoint (not a whole zip archive); use an intact .ckpt file."
@@ -64,14 +72,17 @@ def read_checkpoint(path: str | Path, map_location="cpu", fix: str = COMMAND_LIN
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", rope_scaling: dict | None = None
 ) -> tuple[Transformer, CharTokenizer]:
-    """Loads a trained model (in eval mode) and its tokenizer from a checkpoint file or run directory.
+    """Loads a trained model (in eval mode) and its tokenizer from a checkpoint file, a run directory, or a
+    directory written by scripts/export.py.
 
     `rope_scaling` applies a RoPE context extension to it without retraining: {"scaling": "yarn", "scaling_factor":
     4.0, "original_length": 128}; a None or missing value keeps the checkpoint's.
 
     >>> model, tokenizer = load_model("outputs/runs/<run>/")          # doctest: +SKIP
     """
-    checkpoint, path = read_checkpoint(path, map_location=device, fix="give load_model a .ckpt file or a run directory")
+    checkpoint, path = read_checkpoint(
+        path, map_location=device, fix="give load_model a .ckpt file, a run directory or an export"
+    )
     meta = checkpoint[CHECKPOINT_KEY]
     model = Transformer(TransformerConfig(**meta["model_config"]))
     if rope_scaling and any(value is not None for value in rope_scaling.values()):

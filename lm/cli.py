@@ -26,7 +26,7 @@ RECIPES = Path(CONFIG_DIR) / "recipes.yaml"
 
 
 def command_line(script: str, argv: list[str]) -> list[str]:
-    """`argv` as Hydra should parse it for `script` (train, generate, evaluate or compare); `argv[0]` is kept.
+    """`argv` as Hydra should parse it for `script` (train, generate, evaluate, compare or export); `argv[0]` is kept.
 
     For train: `resume=` and the machine's recipe (see the module's docstring), and the keys a multirun sets to one
     value for all its jobs are recorded, so the jobs' directory names leave them out. For generate and evaluate: a

@@ -1,6 +1,6 @@
 """The bodies of the scripts besides training: sampling text (`generate.py`), evaluating a checkpoint
-(`evaluate.py`) and a sweep's report (`compare.py`, and `WriteReport`, the Hydra callback that writes a study's
-report when its last job ends)."""
+(`evaluate.py`), exporting one to the Hugging Face format (`export.py`) and a sweep's report (`compare.py`, and
+`WriteReport`, the Hydra callback that writes a study's report when its last job ends)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ from lm.report import write_sweep_report
 from lm.tokenizer import CharTokenizer
 
 PAST_CONTEXT_STREAMS = 8  # stretches of the split read side by side for past_context
+
+
+def export_model(cfg: DictConfig) -> None:
+    """export.py: writes `cfg.ckpt`'s model to the new directory `cfg.out` in the Hugging Face format, and says in
+    one line which way it took (a native `transformers` class or custom code) and how close the logits are."""
+    from lm.hub.export import export  # its optional packages load only here
+
+    print(export(cfg.ckpt, cfg.out).line())
 
 
 def generate_text(cfg: DictConfig) -> None:

@@ -86,7 +86,10 @@ def project_error(error: BaseException) -> LMError | None:
 
 
 # What to pass for each value a command needs (`???` in conf/)
-REQUIRED_VALUES = {"ckpt": "a run directory or a .ckpt file, e.g. ckpt=outputs/runs/<run>/"}
+REQUIRED_VALUES = {
+    "ckpt": "a run directory or a .ckpt file, e.g. ckpt=outputs/runs/<run>/",
+    "out": "a new directory for the exported model, e.g. out=exported",
+}
 
 
 def missing_value_error(error: MissingMandatoryValue) -> ConfigError:

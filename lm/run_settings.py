@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm.checkpoint import check_resumable, read_checkpoint
 from lm.errors import ConfigError, is_count, is_number
+from lm.hub.load import is_export
 from lm.model import TransformerConfig
 from lm.module import LanguageModel
 from lm.run_log import is_rank_zero
@@ -29,6 +30,11 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
             "optimizer and schedule; pass one of them."
         )
     if cfg.ckpt_path:
+        if is_export(Path(cfg.ckpt_path)):  # weights only: no optimizer state or step for Lightning to go on from
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path} is an exported model, which keeps the weights but not the optimizer or "
+                f"schedule to go on with; start a new run from its weights with init_from={cfg.ckpt_path}."
+            )
         if not Path(cfg.ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file; pass a .ckpt file, or resume=<run dir>.")
         return str(cfg.ckpt_path)

@@ -85,3 +85,11 @@ def test_the_package_imports_no_script_and_conf_targets_only_the_package_and_lib
     for path in (ROOT / "conf").rglob("*.yaml"):
         for target in re.findall(r"_target_:\s*([\w.]+)", path.read_text()):
             assert target.split(".")[0] in {"lm", "lightning", "torch", "hydra_plugins"}, f"{path}: {target}"
+
+
+@pytest.mark.parametrize("name", ["lm.train", "lm.commands", "lm.checkpoint", "lm.run_settings"])
+def test_training_and_the_other_commands_load_no_hugging_face_package(name):
+    """transformers, tokenizers and safetensors are an optional extra (".[hf]"): only export.py loads them."""
+    graph = imports()
+    loaded = {t.split(".")[0] for m in reachable(graph, name) for t in graph[m]}
+    assert not loaded & {"transformers", "tokenizers", "safetensors"}, name

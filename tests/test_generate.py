@@ -311,7 +311,9 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, trained_run):
 
 def test_missing_truncated_and_foreign_checkpoints(tmp_path, trained_run):
     run, _ = trained_run
-    with pytest.raises(CheckpointError, match="does not exist; give load_model a .ckpt file or a run directory") as e:
+    with pytest.raises(
+        CheckpointError, match="does not exist; give load_model a .ckpt file, a run directory or an export"
+    ) as e:
         load_model(tmp_path / "nope.ckpt")
     assert "ckpt=" not in str(e.value)  # worded for a Python caller, not for the command line
     data = (run / "checkpoints" / "last.ckpt").read_bytes()
