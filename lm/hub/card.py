@@ -8,10 +8,9 @@ from pathlib import Path
 
 from lm.model import TransformerConfig
 
-KNOWN_DATASETS = {  # corpus file name -> its Hugging Face dataset
+KNOWN_DATASETS = {  # corpus file name -> its Hugging Face dataset, for the card's metadata
     "tinyshakespeare.txt": "karpathy/tiny_shakespeare",
     "enwik8": "LTCB/enwik8",
-    "text8": "afmck/text8",
 }
 
 

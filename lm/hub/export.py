@@ -58,9 +58,13 @@ def quiet_transformers() -> None:
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
+    import importlib
 
-    return importlib.util.find_spec(name) is not None
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass
@@ -134,7 +138,6 @@ def export(ckpt: str | Path, out: str | Path) -> ExportReport:
             "data": meta.get("data") or {},
             "global_step": checkpoint.get("global_step", 0),
             "metrics": metrics,
-            "source": str(path.resolve()),
         }
         (staging / EXPORT_META).write_text(json.dumps(export_meta, indent=2) + "\n")
         difference = compare_logits(model, staging, trust_remote_code=family is None)
