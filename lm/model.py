@@ -40,7 +40,7 @@ from lm.positional import (
 
 __all__ = ["POSITIONAL_ENCODINGS", "ContextTooLongError", "KVCache", "Transformer", "TransformerConfig"]
 
-INITS = ("gpt2", "pytorch", "xavier")
+INITS = ("gpt2", "pytorch", "xavier", "zero_proj")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLPS = ("gelu", "relu", "relu2", "swiglu")
@@ -522,6 +522,8 @@ class Transformer(nn.Module):
           residual stream's variance does not grow with depth (GPT-2, nanoGPT).
         - pytorch: each module's own default: linear layers U(+-1/sqrt(fan_in)), embeddings N(0, 1).
         - xavier: every weight matrix U(+-sqrt(6 / (fan_in + fan_out))) (Glorot and Bengio), depth-independent.
+        - zero_proj: gpt2's, but the residual projections (attention's and the MLP's output) start at zero, so every
+          block starts as the identity (modded-nanogpt); their inputs are not zero, so they learn from the first step.
 
         An untied head is a weight matrix like the others.
         """
@@ -540,6 +542,8 @@ class Transformer(nn.Module):
                 nn.init.ones_(param)
             elif self.config.init == "xavier":
                 nn.init.xavier_uniform_(param)
+            elif name.endswith("proj.weight") and self.config.init == "zero_proj":
+                nn.init.zeros_(param)
             elif name.endswith("proj.weight"):
                 nn.init.normal_(param, std=0.02 / math.sqrt(2 * self.config.n_layer))
             else:

@@ -25,21 +25,35 @@ OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
 
 SCHEDULE_CLOCKS = ("steps", "time")
+SCHEDULE_SHAPES = ("cosine", "wsd")
 
 
-def warmup_cosine(step: int, warmup_steps: int, decay_progress: float, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio` as
-    `decay_progress` goes from 0 to 1 (held at the end past 1)."""
+def warmup_cosine(
+    step: int,
+    warmup_steps: int,
+    decay_progress: float,
+    min_lr_ratio: float,
+    shape: str = "cosine",
+    cooldown: float = 0.2,
+) -> float:
+    """Learning-rate multiplier: linear warmup to 1 over `warmup_steps`, then, as `decay_progress` goes from 0 to 1
+    (held at the end past 1), down to `min_lr_ratio`: along a cosine (`shape="cosine"`), or warmup-stable-decay
+    (`"wsd"`: held at 1, then a linear cooldown over the last `cooldown` share; Hu et al. 2024, MiniCPM)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, max(0.0, decay_progress))
+    if shape == "wsd":
+        into_cooldown = (progress - (1.0 - cooldown)) / cooldown if cooldown > 0 else float(progress >= 1.0)
+        return 1.0 - (1.0 - min_lr_ratio) * min(1.0, max(0.0, into_cooldown))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def cosine_schedule(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+def cosine_schedule(
+    step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, shape: str = "cosine", cooldown: float = 0.2
+) -> float:
     """`warmup_cosine` on the step clock: the decay ends at `total_steps`."""
     progress = (step - warmup_steps) / (total_steps - warmup_steps) if total_steps > warmup_steps else 0.0
-    return warmup_cosine(step, warmup_steps, progress, min_lr_ratio)
+    return warmup_cosine(step, warmup_steps, progress, min_lr_ratio, shape, cooldown)
 
 
 class LanguageModel(L.LightningModule):
@@ -54,7 +68,7 @@ class LanguageModel(L.LightningModule):
         vocab: the tokenizer's vocabulary, stored in every checkpoint so decoding needs no corpus.
         optimizer: builds the optimizer from parameter groups (e.g. a partial of torch.optim.AdamW); its
             weight decay applies to weight matrices only.
-        warmup_steps, min_lr_ratio: the learning-rate schedule (see `warmup_cosine`).
+        warmup_steps, min_lr_ratio, shape, cooldown: the learning-rate schedule (see `warmup_cosine`).
         total_steps: where the cosine decay ends; None means the run's own length (max_steps or epochs).
         clock: 'steps' (the decay follows the step count: repeatable step for step) or 'time' (it follows the
             trainer's time budget, `max_time`: after the warmup steps, progress is the share of the budget left
@@ -70,10 +84,16 @@ class LanguageModel(L.LightningModule):
         min_lr_ratio: float = 0.1,
         total_steps: int | None = None,
         clock: str = "steps",
+        shape: str = "cosine",
+        cooldown: float = 0.2,
     ):
         super().__init__()
         if clock not in SCHEDULE_CLOCKS:
             raise ConfigError(f"lr_schedule.clock={clock!r} is not one of {', '.join(SCHEDULE_CLOCKS)}.")
+        if shape not in SCHEDULE_SHAPES:
+            raise ConfigError(f"lr_schedule.shape={shape!r} is not one of {', '.join(SCHEDULE_SHAPES)}.")
+        if not is_number(cooldown) or not 0 <= cooldown <= 1:
+            raise ConfigError(f"lr_schedule.cooldown={cooldown} must be between 0 and 1 (a share of the decay).")
         if not is_count(warmup_steps, minimum=0):
             raise ConfigError(f"lr_schedule.warmup_steps={warmup_steps} must be a whole number of steps, 0 or more.")
         if not is_number(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
@@ -88,7 +108,7 @@ class LanguageModel(L.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         self.optimizer_factory = optimizer
         self.warmup_steps, self.min_lr_ratio, self.total_steps = warmup_steps, min_lr_ratio, total_steps
-        self.clock = clock
+        self.clock, self.shape, self.cooldown = clock, shape, cooldown
         self.warmup_end_s: float | None = None  # time-clock runs: the training time at which warmup ended
         self.val_loss = MeanMetric()
         self.best_val_loss = math.inf
@@ -229,7 +249,12 @@ class LanguageModel(L.LightningModule):
         else:
             total_steps = self.total_steps or int(self.trainer.estimated_stepping_batches)
             multiplier = functools.partial(
-                cosine_schedule, warmup_steps=self.warmup_steps, total_steps=total_steps, min_lr_ratio=self.min_lr_ratio
+                cosine_schedule,
+                warmup_steps=self.warmup_steps,
+                total_steps=total_steps,
+                min_lr_ratio=self.min_lr_ratio,
+                shape=self.shape,
+                cooldown=self.cooldown,
             )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -244,12 +269,12 @@ class LanguageModel(L.LightningModule):
         return timer
 
     def time_schedule(self, timer: Timer) -> Callable[[int], float]:
-        """The multiplier on the time clock: the same warmup in steps, then a cosine that ends with the budget."""
+        """The multiplier on the time clock: the same warmup in steps, then a decay that ends with the budget."""
         duration = timer.time_elapsed() + timer.time_remaining()
 
         def multiplier(step: int) -> float:
             if step < self.warmup_steps:
-                return warmup_cosine(step, self.warmup_steps, 0.0, self.min_lr_ratio)
+                return warmup_cosine(step, self.warmup_steps, 0.0, self.min_lr_ratio, self.shape, self.cooldown)
             elapsed = timer.time_elapsed("train")
             if self.trainer.world_size > 1:  # every process must step with the same learning rate
                 elapsed = self.trainer.strategy.broadcast(elapsed)
@@ -257,7 +282,7 @@ class LanguageModel(L.LightningModule):
                 self.warmup_end_s = elapsed
             remaining = duration - self.warmup_end_s
             progress = (elapsed - self.warmup_end_s) / remaining if remaining > 0 else 1.0
-            return warmup_cosine(step, self.warmup_steps, progress, self.min_lr_ratio)
+            return warmup_cosine(step, self.warmup_steps, progress, self.min_lr_ratio, self.shape, self.cooldown)
 
         return multiplier
 

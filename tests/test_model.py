@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lm.errors import ConfigError
 from lm.kernels import BlockCausalAttention, RotaryHeads
@@ -329,6 +330,21 @@ def test_each_init_gives_its_documented_weight_scale(init):
     assert all(
         torch.equal(b.weight, torch.ones_like(b.weight)) for b in model.modules() if isinstance(b, torch.nn.LayerNorm)
     )
+
+
+def test_zero_proj_starts_every_block_as_the_identity_and_still_learns():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config("rope", init="zero_proj"))
+    projections = [m.proj.weight for block in model.blocks for m in (block.attn, block.mlp)]
+    assert all(torch.count_nonzero(p) == 0 for p in projections)
+    assert model.blocks[0].mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.2)  # the rest as gpt2's
+    idx = torch.randint(0, 11, (2, 8))
+    with torch.no_grad():  # blocks add nothing: the logits are the head of the final norm of the embeddings
+        expected = model.head(model.ln_f(model.token_embedding(idx)))
+        assert torch.allclose(model(idx), expected, atol=1e-6)
+    loss = F.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projections[-2:])
 
 
 def test_cpu_kernels_take_contexts_past_256_while_the_scores_fit(monkeypatch):

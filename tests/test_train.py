@@ -239,6 +239,40 @@ def test_a_time_budget_alone_drives_the_schedule_to_its_end(tmp_path, corpus, cl
     assert "val/bpc=" in result.stderr
 
 
+def test_warmup_stable_decay_holds_the_peak_then_cools_down_linearly():
+    from lm.module import cosine_schedule
+
+    lrs = [cosine_schedule(step, 10, 110, 0.1, shape="wsd", cooldown=0.2) for step in range(120)]
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # the same warmup
+    assert lrs[10:90] == [1.0] * 80  # stable: the first 80% of the decay period
+    cooldown = lrs[90:111]
+    assert cooldown == pytest.approx([1.0 - 0.9 * i / 20 for i in range(21)])  # linear to min_lr_ratio
+    assert lrs[110:] == pytest.approx([0.1] * 10)  # held at the end
+    assert cosine_schedule(60, 10, 110, 0.1) == pytest.approx(0.55)  # cosine stays the default: halfway, halfway
+
+
+def test_warmup_stable_decay_follows_the_time_clock(tmp_path, corpus, cli):
+    cli.train(
+        [
+            f"data.path={corpus}",
+            *TINY,
+            "trainer.max_time=00:00:00:04",
+            "trainer.log_every_n_steps=1",
+            "lr_schedule.warmup_steps=5",
+            "lr_schedule.shape=wsd",
+            "lr_schedule.cooldown=0.5",
+            "optimizer.lr=1e-3",
+        ],
+        tmp_path,
+    )
+    lrs = scalars(next((tmp_path / "outputs" / "runs").iterdir()))["train/lr"]
+    decay = lrs[5:]
+    stable = [lr for lr in decay if lr == pytest.approx(1e-3)]
+    assert len(stable) >= len(decay) // 4, "the peak holds for the first half of the budget"
+    assert all(b <= a + 1e-12 for a, b in zip(decay, decay[1:], strict=False))
+    assert decay[-1] < 2e-4  # cooled down to near min_lr_ratio * lr as the budget ends
+
+
 def test_a_run_with_no_length_gets_the_default_time_budget_and_steps_stay_steps(tmp_path):
     from omegaconf import OmegaConf
 
@@ -311,6 +345,8 @@ def test_on_a_cpu_the_default_run_is_the_cpu_recipe_with_or_without_bf16(monkeyp
         ({"warmup_steps": True}, "lr_schedule.warmup_steps=True"),
         ({"min_lr_ratio": 1.5}, "lr_schedule.min_lr_ratio=1.5"),
         ({"total_steps": 0}, "lr_schedule.total_steps=0"),
+        ({"shape": "linear"}, "lr_schedule.shape='linear' is not one of cosine, wsd"),
+        ({"cooldown": 1.5}, "lr_schedule.cooldown=1.5"),
         ({"optimizer": lambda groups: torch.optim.AdamW(groups, lr=-1.0)}, "optimizer refused its settings"),
     ],
 )
