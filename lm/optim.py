@@ -95,7 +95,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     to the RMS of a typical AdamW update, so both halves share one `lr` and `weight_decay`, as tuned for AdamW.
     `newton_schulz_dtype`: "bfloat16" (torch's own), "float32", or "auto": float32 for parameters on a CPU without
     native bf16 (which emulates bf16 far slower than fp32: it made a Muon step several times an AdamW one there),
-    else bf16. The iteration runs batched over same-shaped matrices (`BatchedMuon`).
+    else bf16. The iteration runs batched over same-shaped matrices (`BatchedMuon`). `embedding_lr`: a learning
+    rate of its own for the `embeddings` group (the token embedding, a tied head, learned positions), as
+    modded-nanogpt gives its embeddings; null: `lr`. The schedule scales every group's lr alike.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
         newton_schulz_dtype: str = "auto",
+        embedding_lr: float | None = None,
     ):
         groups = list(params)
         if not groups or not isinstance(groups[0], dict) or not any(g.get("name") == HIDDEN_MATRICES for g in groups):
@@ -121,6 +124,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
             raise ConfigError(
                 f"optimizer.newton_schulz_dtype={newton_schulz_dtype!r} is not auto, bfloat16 or float32."
             )
+        if embedding_lr is not None:
+            if isinstance(embedding_lr, bool) or not isinstance(embedding_lr, int | float) or embedding_lr <= 0:
+                raise ConfigError(f"optimizer.embedding_lr={embedding_lr!r} must be a positive number, or null for lr.")
+            groups = [{**g, "lr": embedding_lr} if g.get("name") == "embeddings" else g for g in groups]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
         if newton_schulz_dtype == "auto":
             on_cpu = all(

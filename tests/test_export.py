@@ -246,6 +246,16 @@ def test_export_script_then_transformers_pipeline_and_generate_agree(trained_and
     assert loss == pytest.approx(summary["val/loss"], abs=2e-3)
 
 
+def test_the_card_reports_the_runs_metrics_only_for_its_last_weights(tmp_path):
+    from lm.hub.card import run_record
+
+    (tmp_path / "checkpoints").mkdir()
+    summary = {"global_step": 500, "metrics": {"val/loss": 1.5}, "hparams": {}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert run_record(tmp_path / "checkpoints" / "last.ckpt", 500)[0] == {"val/loss": 1.5}
+    assert run_record(tmp_path / "checkpoints" / "best.ckpt", 300)[0] == {}  # an earlier step's weights
+
+
 def test_fine_tuning_starts_from_an_export_in_a_new_run(trained_and_exported, cli):
     run, tmp_path = trained_and_exported
     out = tmp_path / "for_init"

@@ -63,6 +63,27 @@ def test_muon_refuses_parameters_without_roles():
         MuonWithAdamW(tiny_model().parameters())
 
 
+def test_the_embeddings_take_their_own_lr_which_the_schedule_scales_like_the_rest():
+    model = tiny_model()
+    optimizer = MuonWithAdamW(parameter_groups(model), lr=1e-2, embedding_lr=3e-2)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {HIDDEN_MATRICES: 1e-2, "embeddings": 3e-2, "vectors": 1e-2}
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    assert {g["name"]: g["lr"] for g in optimizer.adamw.param_groups} == {"embeddings": 1.5e-2, "vectors": 5e-3}
+    # against the plain reference: AdamW's step on the embedding at lr 3e-2 is what the combined optimizer takes
+    reference = copy.deepcopy(model)
+    plain = torch.optim.AdamW([reference.token_embedding.weight], lr=1.5e-2, weight_decay=0.1, betas=(0.9, 0.99))
+    batch = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(0))
+    for m, opt in ((model, optimizer), (reference, plain)):
+        opt.zero_grad()
+        loss_of(m, batch).backward()
+        opt.step()
+    assert torch.allclose(model.token_embedding.weight, reference.token_embedding.weight, atol=1e-7)
+    for bad in (0, -1e-2, True, "fast"):
+        with pytest.raises(ConfigError, match="optimizer.embedding_lr="):
+            MuonWithAdamW(parameter_groups(tiny_model()), embedding_lr=bad)
+
+
 def test_batched_newton_schulz_matches_torchs_per_matrix_iteration():
     import torch.optim._muon as torch_muon
 

@@ -20,16 +20,19 @@ def run_directory(checkpoint_path: Path) -> Path | None:
     return run if (run / "summary.json").is_file() or (run / ".hydra").is_dir() else None
 
 
-def run_record(checkpoint_path: Path) -> tuple[dict, dict, list[str]]:
-    """The run's final metrics and settings (summary.json) and its command line's overrides (.hydra/overrides.yaml),
-    where the checkpoint still sits in its run directory; else empty."""
+def run_record(checkpoint_path: Path, step: int) -> tuple[dict, dict, list[str]]:
+    """The run's settings (summary.json) and its command line's overrides (.hydra/overrides.yaml), where the checkpoint
+    still sits in its run directory, and its final metrics where they are this checkpoint's (the run ended at its
+    `step`); else empty."""
     run = run_directory(checkpoint_path)
     metrics, hparams, overrides = {}, {}, []
     if run is None:
         return metrics, hparams, overrides
     try:
         summary = json.loads((run / "summary.json").read_text())
-        metrics, hparams = summary.get("metrics", {}), summary.get("hparams", {})
+        hparams = summary.get("hparams", {})
+        if summary.get("global_step") == step:  # else the metrics are of other weights (a best.ckpt from before)
+            metrics = summary.get("metrics", {})
     except (OSError, json.JSONDecodeError):
         pass
     try:

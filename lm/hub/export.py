@@ -10,6 +10,7 @@ appears, the export loads it back with `transformers` and compares its logits wi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -114,7 +115,11 @@ def export(ckpt: str | Path, out: str | Path) -> ExportReport:
         architecture = write_model(model, family, staging)
         byte_level = (meta.get("data") or {}).get("encoding") == "bytes"
         build_tokenizer(meta["vocab"], byte_level, config.seq_length).save_pretrained(staging)
-        metrics, hparams, overrides = run_record(path)
+        metrics, hparams, overrides = run_record(path, checkpoint.get("global_step", 0))
+        if not metrics and math.isfinite(checkpoint.get("best_val_loss", math.inf)) and path.name == "best.ckpt":
+            # the best checkpoint is saved right after the validation that made it best: that is its loss
+            loss = checkpoint["best_val_loss"]
+            metrics = {"val/loss": loss, "val/bpc": loss / math.log(2), "val/ppl": math.exp(loss)}
         way = f"{architecture} (native)" if family else f"{architecture} (custom code, trust_remote_code=True)"
         (staging / "README.md").write_text(
             model_card(
