@@ -60,6 +60,12 @@ def _bias(state: State, key: str, size: int) -> torch.Tensor:
     return state[key] if key in state else torch.zeros(size)
 
 
+def _put_norm(out: State, s: State, ours: str, hf: str, size: int) -> None:
+    """A LayerNorm's gain and bias under the class's name, the bias zeros where the model has none."""
+    out[f"{hf}.weight"] = s[f"{ours}.weight"]
+    out[f"{hf}.bias"] = _bias(s, f"{ours}.bias", size)
+
+
 def _take_bias(c: TransformerConfig, hf: State, key: str, ours: str, out: State) -> None:
     """The inverse of `_bias`: keeps the bias when the model has biases; otherwise it must still be zero."""
     if key not in hf:
@@ -161,10 +167,8 @@ def gpt2_to_hf(c: TransformerConfig, s: State) -> State:
             out[f"{hf}{hf_name}.weight"] = s[f"{ours}{our_name}.weight"].t().contiguous()
             out[f"{hf}{hf_name}.bias"] = _bias(s, f"{ours}{our_name}.bias", width)
         for norm in ("ln_1", "ln_2"):
-            out[f"{hf}{norm}.weight"] = s[f"{ours}{norm}.weight"]
-            out[f"{hf}{norm}.bias"] = _bias(s, f"{ours}{norm}.bias", C)
-    out["transformer.ln_f.weight"] = s["ln_f.weight"]
-    out["transformer.ln_f.bias"] = _bias(s, "ln_f.bias", C)
+            _put_norm(out, s, ours + norm, hf + norm, C)
+    _put_norm(out, s, "ln_f", "transformer.ln_f", C)
     out["lm_head.weight"] = s["head.weight"]
     return out
 
@@ -271,10 +275,8 @@ def neox_to_hf(c: TransformerConfig, s: State) -> State:
         out[f"{hf}mlp.dense_4h_to_h.weight"] = s[f"{ours}mlp.proj.weight"]
         out[f"{hf}mlp.dense_4h_to_h.bias"] = _bias(s, f"{ours}mlp.proj.bias", C)
         for our_norm, hf_norm in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
-            out[f"{hf}{hf_norm}.weight"] = s[f"{ours}{our_norm}.weight"]
-            out[f"{hf}{hf_norm}.bias"] = _bias(s, f"{ours}{our_norm}.bias", C)
-    out["gpt_neox.final_layer_norm.weight"] = s["ln_f.weight"]
-    out["gpt_neox.final_layer_norm.bias"] = _bias(s, "ln_f.bias", C)
+            _put_norm(out, s, ours + our_norm, hf + hf_norm, C)
+    _put_norm(out, s, "ln_f", "gpt_neox.final_layer_norm", C)
     out["lm_head.weight"] = s["head.weight"]
     return out
 
