@@ -362,28 +362,36 @@ def llama_config(layout: LlamaLayout, has_head_dim: bool = True) -> Callable[[Tr
     return config
 
 
+def llama_renames(c: TransformerConfig, layout: LlamaLayout) -> dict[str, str]:
+    """Our name -> the class's for every tensor that maps one to one (the fused qkv and MLP input are split apart)."""
+    names = {"token_embedding.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
+    for i in range(c.n_layer):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        names[f"{ours}ln_1.weight"] = f"{hf}{layout.norms[0]}.weight"
+        names[f"{ours}ln_2.weight"] = f"{hf}{layout.norms[1]}.weight"
+        if layout.qk_norm:
+            names[f"{ours}attn.q_norm.weight"] = f"{hf}self_attn.q_norm.weight"
+            names[f"{ours}attn.k_norm.weight"] = f"{hf}self_attn.k_norm.weight"
+        for kind in ("weight", "bias") if c.bias else ("weight",):
+            names[f"{ours}attn.proj.{kind}"] = f"{hf}self_attn.o_proj.{kind}"
+            names[f"{ours}mlp.proj.{kind}"] = f"{hf}mlp.down_proj.{kind}"
+    return names
+
+
 def llama_to_hf(layout: LlamaLayout) -> Callable[[TransformerConfig, State], State]:
     def to_hf(c: TransformerConfig, s: State) -> State:
+        out = {hf: s[ours] for ours, hf in llama_renames(c, layout).items()}
         sizes = [c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
-        out = {"model.embed_tokens.weight": s["token_embedding.weight"]}
         for i in range(c.n_layer):
             ours, hf = f"blocks.{i}.", f"model.layers.{i}."
             for kind in ("weight", "bias") if c.bias else ("weight",):
                 q, k, v = s[f"{ours}attn.qkv.{kind}"].split(sizes)
                 out |= {f"{hf}self_attn.{name}_proj.{kind}": t for name, t in zip("qkv", (q, k, v), strict=True)}
-                out[f"{hf}self_attn.o_proj.{kind}"] = s[f"{ours}attn.proj.{kind}"]
                 if layout.gated:  # our fc computes [gate; up] in one matrix: silu(gate) * up
                     gate, up = s[f"{ours}mlp.fc.{kind}"].chunk(2)
                     out[f"{hf}mlp.gate_proj.{kind}"], out[f"{hf}mlp.up_proj.{kind}"] = gate, up
                 else:
                     out[f"{hf}mlp.up_proj.{kind}"] = s[f"{ours}mlp.fc.{kind}"]
-                out[f"{hf}mlp.down_proj.{kind}"] = s[f"{ours}mlp.proj.{kind}"]
-            if layout.qk_norm:
-                out[f"{hf}self_attn.q_norm.weight"] = s[f"{ours}attn.q_norm.weight"]
-                out[f"{hf}self_attn.k_norm.weight"] = s[f"{ours}attn.k_norm.weight"]
-            out[f"{hf}{layout.norms[0]}.weight"] = s[f"{ours}ln_1.weight"]
-            out[f"{hf}{layout.norms[1]}.weight"] = s[f"{ours}ln_2.weight"]
-        out["model.norm.weight"] = s["ln_f.weight"]
         out["lm_head.weight"] = s["head.weight"]
         return out
 
@@ -392,23 +400,14 @@ def llama_to_hf(layout: LlamaLayout) -> Callable[[TransformerConfig, State], Sta
 
 def llama_from_hf(layout: LlamaLayout) -> Callable[[TransformerConfig, State], State]:
     def from_hf(c: TransformerConfig, hf: State) -> State:
-        out = {"token_embedding.weight": hf["model.embed_tokens.weight"]}
+        out = {ours: hf[name] for ours, name in llama_renames(c, layout).items()}
         for i in range(c.n_layer):
             ours, prefix = f"blocks.{i}.", f"model.layers.{i}."
             for kind in ("weight", "bias") if c.bias else ("weight",):
-                parts = [hf[f"{prefix}self_attn.{name}_proj.{kind}"] for name in "qkv"]
-                out[f"{ours}attn.qkv.{kind}"] = torch.cat(parts)
-                out[f"{ours}attn.proj.{kind}"] = hf[f"{prefix}self_attn.o_proj.{kind}"]
+                out[f"{ours}attn.qkv.{kind}"] = torch.cat([hf[f"{prefix}self_attn.{n}_proj.{kind}"] for n in "qkv"])
                 up = hf[f"{prefix}mlp.up_proj.{kind}"]
                 gated = [hf[f"{prefix}mlp.gate_proj.{kind}"], up] if layout.gated else [up]
                 out[f"{ours}mlp.fc.{kind}"] = torch.cat(gated)
-                out[f"{ours}mlp.proj.{kind}"] = hf[f"{prefix}mlp.down_proj.{kind}"]
-            if layout.qk_norm:
-                out[f"{ours}attn.q_norm.weight"] = hf[f"{prefix}self_attn.q_norm.weight"]
-                out[f"{ours}attn.k_norm.weight"] = hf[f"{prefix}self_attn.k_norm.weight"]
-            out[f"{ours}ln_1.weight"] = hf[f"{prefix}{layout.norms[0]}.weight"]
-            out[f"{ours}ln_2.weight"] = hf[f"{prefix}{layout.norms[1]}.weight"]
-        out["ln_f.weight"] = hf["model.norm.weight"]
         _head(c, hf, "lm_head.weight", out)
         return out
 
