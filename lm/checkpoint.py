@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lm.errors import CheckpointError
+from lm.hub.load import is_export, read_export
 from lm.model import Transformer, TransformerConfig
 from lm.tokenizer import CharTokenizer
 
@@ -23,8 +24,6 @@ def find_checkpoint(path: str | Path, fix: str = COMMAND_LINE) -> Path:
     """`path` itself if it is a file or an exported model (lm.hub.export); for a run directory, its best checkpoint
     (else its last one). Where there is none, a CheckpointError ending with `fix`, what the caller should do
     instead."""
-    from lm.hub.load import is_export
-
     path = Path(path).expanduser()
     if path.is_file() or is_export(path):
         return path
@@ -40,8 +39,6 @@ def read_checkpoint(path: str | Path, map_location="cpu", fix: str = COMMAND_LIN
     """The checkpoint's contents, loaded with `weights_only=True` (a file that would run code is refused), and the
     file they came from (`find_checkpoint(path, fix)`). An exported model's directory reads as a checkpoint of its
     weights alone, marked "exported" (`lm.hub.load.read_export`)."""
-    from lm.hub.load import is_export, read_export
-
     path = find_checkpoint(path, fix)
     if is_export(path):
         return read_export(path), path
