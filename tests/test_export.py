@@ -142,6 +142,19 @@ def test_learned_positions_generate_up_to_the_context(tmp_path):
     assert "Its learned positions end at 24" in (directory / "README.md").read_text()
 
 
+def test_the_exports_sampling_defaults_are_generate_pys():
+    from omegaconf import OmegaConf
+
+    from lm.config import CONFIG_DIR
+
+    defaults = OmegaConf.load(f"{CONFIG_DIR}/generate.yaml")
+    assert export_module.SAMPLING == {
+        "do_sample": defaults.temperature > 0,
+        "temperature": defaults.temperature,
+        "max_new_tokens": defaults.max_new_tokens,
+    }
+
+
 def test_tied_weights_are_stored_once_and_tie_again(tmp_path):
     from safetensors.torch import load_file
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from lm.errors import CheckpointError
+from lm.fused import RMS_EPS  # the blocks' RMSNorm and QK-norm alike
 from lm.model import TransformerConfig
 from lm.positional import sinusoidal_table
 
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, which the model uses
-RMSNORM_EPS = 1e-6  # lm.fused.RMS_EPS, for the blocks' norms and QK-norm alike
 PLAIN_MLPS = {"gelu": "gelu", "relu": "relu", "relu2": "relu2"}  # ours -> transformers' ACT2FN ("gelu" is exact erf)
 
 State = dict[str, torch.Tensor]
@@ -346,7 +346,7 @@ def llama_config(layout: LlamaLayout, has_head_dim: bool = True) -> Callable[[Tr
             num_key_value_heads=c.kv_heads,
             hidden_act="silu" if layout.gated else PLAIN_MLPS[c.mlp],
             max_position_embeddings=c.seq_length,
-            rms_norm_eps=RMSNORM_EPS,
+            rms_norm_eps=RMS_EPS,
             rope_parameters={"rope_type": "default", "rope_theta": c.pos_encoding.base},
             attention_bias=c.bias,
             attention_dropout=0.0,
