@@ -251,6 +251,5 @@ def decode_step(model: Transformer, ids: torch.Tensor, position: torch.Tensor, c
         visible = torch.zeros(1, 1, span, dtype=x.dtype, device=x.device)
         if seen is not None:
             visible.masked_fill_(~seen, -math.inf)
-    for block in model.blocks:
-        x = block_step(block, x, slot, visible, rotation, cache)
+    x = model.through_blocks(x, lambda block, h: block_step(block, h, slot, visible, rotation, cache))
     return model.cap_logits(decode_linear(model.ln_f(x), model.head, cache.matrices.get(model.head)))

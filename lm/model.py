@@ -14,6 +14,7 @@ rotates the queries and keys inside every attention layer, `alibi` biases the at
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -119,6 +120,7 @@ class TransformerConfig:
     qk_norm: bool = False  # RMSNorm of queries and keys per head, before RoPE and the scores
     tie_embeddings: bool = True  # the output head shares the token embedding's matrix
     logit_softcap: float | None = None  # c: logits become c * tanh(logits / c)
+    unet_skips: bool = False  # the first half's block outputs feed the second half's inputs, mirrored (modded-nanogpt)
 
     def __post_init__(self):
         if not isinstance(self.pos_encoding, PositionalEncodingConfig):  # a dict, or a DictConfig
@@ -162,7 +164,7 @@ class TransformerConfig:
         for name, choices in (("norm", NORMS), ("norm_position", NORM_POSITIONS), ("mlp", MLPS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(choices)}.")
-        for name in ("qk_norm", "tie_embeddings"):
+        for name in ("qk_norm", "tie_embeddings", "unet_skips"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} must be true or false.")
         cap = self.logit_softcap
@@ -508,6 +510,8 @@ class Transformer(nn.Module):
         self.embedding_scale = math.sqrt(config.n_embd)
         self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # U-Net skips: one learned weight per pair (block i's output, block n_layer - 1 - i's input), starting at 1
+        self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2)) if config.unet_skips else None
         # post-norm blocks end normalised already: no final norm, as in the 2017 Transformer
         self.ln_f = nn.Identity() if config.norm_position == "post" else make_norm(config, config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -550,6 +554,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, std=0.02)
         if isinstance(self.relative_bias, FIRE):  # its scalars and tiny MLP start as the paper's
             self.relative_bias.reset_parameters()
+        if self.skip_weights is not None:
+            nn.init.ones_(self.skip_weights)
 
     def extend_context(self, scaling: str | None, factor: float = 1.0, original_length: int | None = None) -> None:
         """Applies RoPE's context extension `scaling` by `factor` past `original_length` (default the training
@@ -599,11 +605,27 @@ class Transformer(nn.Module):
         x = self.dropout(x)
         bias = self.attention_bias(start, T, idx.device)
         context = cache.max_length if cache is not None else T  # what dynamic NTK scales for
-        for block in self.blocks:
-            x = block(x, self.rope, bias, cache, context)
+        x = self.through_blocks(x, lambda block, h: block(h, self.rope, bias, cache, context))
         if cache is not None:
             cache.length += T
         return self.cap_logits(self.head(self.ln_f(x)))
+
+    def through_blocks(self, x: torch.Tensor, run_block: Callable[[Block, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """x through every block, `run_block(block, x)` each (the forward pass's, or decoding's step), with the U-Net
+        skips when the model has them: block i's output is kept for the first n_layer // 2 blocks, and added, times
+        its learned weight, to the input of block n_layer - 1 - i (a middle block of an odd depth has no pair)."""
+        if self.skip_weights is None:
+            for block in self.blocks:
+                x = run_block(block, x)
+            return x
+        pairs, kept = len(self.skip_weights), []
+        for i, block in enumerate(self.blocks):
+            if i >= len(self.blocks) - pairs:
+                x = x + self.skip_weights[len(self.blocks) - 1 - i] * kept.pop()
+            x = run_block(block, x)
+            if i < pairs:
+                kept.append(x)
+        return x
 
     def attention_bias(self, start: int, length: int, device) -> torch.Tensor | None:
         """The additive mask (H or 1, length, start + length) for positions start .. start + length - 1 over keys 0 ..

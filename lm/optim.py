@@ -29,32 +29,83 @@ def parameter_groups(model: nn.Module) -> list[dict]:
     ]
 
 
+# Polar Express (Amsel, Persson, Musco, Gower, 2025: arXiv 2505.16932), as modded-nanogpt uses it: one (a, b, c) per
+# step, each the best odd quintic for the singular values the previous steps can have left, so five steps bring
+# them closer to 1 than torch's fixed coefficients do; with the 2% safety margin on the starting norm.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.02
+ORTHOGONALIZERS = ("newton_schulz", "polar_express")
+
+
 def newton_schulz(
-    updates: torch.Tensor, ns_coefficients, ns_steps: int, eps: float, dtype: torch.dtype
+    updates: torch.Tensor, ns_coefficients, ns_steps: int, eps: float, dtype: torch.dtype, polar_express: bool = False
 ) -> torch.Tensor:
     """The Newton-Schulz orthogonalisation of torch's Muon (`torch.optim._muon._zeropower_via_newtonschulz`: the
     quintic iteration X <- aX + (bA + cA^2)X with A = XX^T, on the wider side's transpose), for a stack of
     same-shaped matrices (N, rows, cols) at once, in `dtype`: one batched product per step instead of one small
-    product per matrix (on a GPU, a launch each)."""
-    a, b, c = ns_coefficients
+    product per matrix (on a GPU, a launch each). `polar_express`: the same iteration with Polar Express's
+    coefficients for each step (`POLAR_EXPRESS_COEFFICIENTS`, at most five steps) instead of `ns_coefficients`."""
     x = updates.to(dtype)
     tall = updates.size(-2) > updates.size(-1)
     if tall:
         x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # each matrix's spectral norm at most 1
-    for _ in range(ns_steps):
+    norm = x.norm(dim=(-2, -1), keepdim=True)
+    if polar_express:
+        x = x / (norm * POLAR_EXPRESS_SAFETY + eps)
+        coefficients = POLAR_EXPRESS_COEFFICIENTS[:ns_steps]
+    else:
+        x = x / norm.clamp(min=eps)  # each matrix's spectral norm at most 1
+        coefficients = [ns_coefficients] * ns_steps
+    for a, b, c in coefficients:
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
 
 
+def normuon_scale(orthogonal: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon (Li et al., 2025: arXiv 2510.05491), as modded-nanogpt applies it: each neuron's (row's, or column's
+    for a wide matrix) share of the orthogonalised update is divided by the square root of a running mean of its
+    squared size, then the whole matrix is rescaled to the norm it had, so that Muon's lr keeps its meaning while
+    neurons that keep getting large updates get smaller ones. `second_moment` (N, rows, 1) or (N, 1, cols) is
+    updated in place."""
+    reduce = -1 if orthogonal.size(-2) >= orthogonal.size(-1) else -2
+    mean_square = orthogonal.float().square().mean(dim=reduce, keepdim=True)
+    second_moment.lerp_(mean_square, 1 - beta2)
+    scale = second_moment.clamp(min=1e-10).rsqrt()
+    norm_before = mean_square.sum(dim=(-2, -1), keepdim=True).sqrt()
+    norm_after = (mean_square * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return orthogonal * (scale * norm_before / norm_after.clamp(min=1e-10)).to(orthogonal.dtype)
+
+
 class BatchedMuon(torch.optim.Muon):
     """torch's `Muon` (same settings, state and update), with its Newton-Schulz iteration run once per matrix shape
-    over all same-shaped matrices stacked (`newton_schulz`), and the momentum, decay and update as foreach ops."""
+    over all same-shaped matrices stacked (`newton_schulz`), and the momentum, decay and update as foreach ops.
 
-    def __init__(self, params, newton_schulz_dtype: torch.dtype = torch.bfloat16, **kwargs):
+    Three later refinements, each off by default (then the step is torch's): `orthogonalizer="polar_express"`
+    (Polar Express's per-step coefficients), `normuon_beta2` (NorMuon's per-neuron second moment, kept in each
+    parameter's state as `normuon_second_moment`) and `cautious_weight_decay` (decay only the entries that the
+    update is already shrinking, as modded-nanogpt does: Chen et al., 2025, "Cautious Weight Decay")."""
+
+    def __init__(
+        self,
+        params,
+        newton_schulz_dtype: torch.dtype = torch.bfloat16,
+        orthogonalizer: str = "newton_schulz",
+        normuon_beta2: float | None = None,
+        cautious_weight_decay: bool = False,
+        **kwargs,
+    ):
         super().__init__(params, **kwargs)
         self.newton_schulz_dtype = newton_schulz_dtype
+        self.orthogonalizer = orthogonalizer
+        self.normuon_beta2 = normuon_beta2
+        self.cautious_weight_decay = cautious_weight_decay
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -76,13 +127,41 @@ class BatchedMuon(torch.optim.Muon):
             for shape, indices in by_shape.items():
                 stacked = torch.stack([updates[i] for i in indices])
                 orthogonal = newton_schulz(
-                    stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], self.newton_schulz_dtype
+                    stacked,
+                    group["ns_coefficients"],
+                    group["ns_steps"],
+                    group["eps"],
+                    self.newton_schulz_dtype,
+                    polar_express=self.orthogonalizer == "polar_express",
                 )
                 same_shape = [params[i] for i in indices]
-                torch._foreach_mul_(same_shape, 1 - lr * group["weight_decay"])
+                if self.normuon_beta2 is not None:
+                    orthogonal = self.normuon(orthogonal, same_shape)
+                step = list(orthogonal.to(same_shape[0].dtype).unbind(0))
+                decay = lr * group["weight_decay"]
+                if self.cautious_weight_decay:
+                    # p -= lr * u already shrinks |p| where p and u agree in sign: only there does the decay apply
+                    for param, update in zip(same_shape, step, strict=True):
+                        param.sub_(param * (param * update >= 0), alpha=decay)
+                else:
+                    torch._foreach_mul_(same_shape, 1 - decay)
                 adjusted_lr = torch_muon._adjust_lr(lr, group["adjust_lr_fn"], shape)
-                torch._foreach_add_(same_shape, list(orthogonal.to(same_shape[0].dtype).unbind(0)), alpha=-adjusted_lr)
+                torch._foreach_add_(same_shape, step, alpha=-adjusted_lr)
         return loss
+
+    def normuon(self, orthogonal: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        """NorMuon's scaling of a stack of same-shaped updates, with each parameter's second moment in its state."""
+        tall = orthogonal.size(-2) >= orthogonal.size(-1)
+        moment_shape = (orthogonal.size(-2), 1) if tall else (1, orthogonal.size(-1))
+        for param in params:
+            self.state[param].setdefault(
+                "normuon_second_moment", torch.zeros(moment_shape, device=param.device, dtype=torch.float32)
+            )
+        second_moment = torch.stack([self.state[p]["normuon_second_moment"] for p in params])
+        scaled = normuon_scale(orthogonal, second_moment, self.normuon_beta2)
+        for param, moment in zip(params, second_moment.unbind(0), strict=True):
+            self.state[param]["normuon_second_moment"].copy_(moment)
+        return scaled
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -98,6 +177,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     else bf16. The iteration runs batched over same-shaped matrices (`BatchedMuon`). `embedding_lr`: a learning
     rate of its own for the `embeddings` group (the token embedding, a tied head, learned positions), as
     modded-nanogpt gives its embeddings; null: `lr`. The schedule scales every group's lr alike.
+    `orthogonalizer`, `normuon_beta2`, `cautious_weight_decay`: Muon's later refinements (`BatchedMuon`).
     """
 
     def __init__(
@@ -113,6 +193,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         newton_schulz_dtype: str = "auto",
         embedding_lr: float | None = None,
+        orthogonalizer: str = "newton_schulz",
+        normuon_beta2: float | None = None,
+        cautious_weight_decay: bool = False,
     ):
         groups = list(params)
         if not groups or not isinstance(groups[0], dict) or not any(g.get("name") == HIDDEN_MATRICES for g in groups):
@@ -128,6 +211,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
             if isinstance(embedding_lr, bool) or not isinstance(embedding_lr, int | float) or embedding_lr <= 0:
                 raise ConfigError(f"optimizer.embedding_lr={embedding_lr!r} must be a positive number, or null for lr.")
             groups = [{**g, "lr": embedding_lr} if g.get("name") == "embeddings" else g for g in groups]
+        if orthogonalizer not in ORTHOGONALIZERS:
+            raise ConfigError(
+                f"optimizer.orthogonalizer={orthogonalizer!r} is not one of {', '.join(ORTHOGONALIZERS)}."
+            )
+        if orthogonalizer == "polar_express" and not 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFICIENTS):
+            raise ConfigError(
+                f"optimizer.ns_steps={ns_steps} with polar_express: Polar Express has coefficients for 1 to "
+                f"{len(POLAR_EXPRESS_COEFFICIENTS)} steps; pick one of those."
+            )
+        if normuon_beta2 is not None and (
+            isinstance(normuon_beta2, bool) or not isinstance(normuon_beta2, int | float) or not 0 <= normuon_beta2 < 1
+        ):
+            raise ConfigError(f"optimizer.normuon_beta2={normuon_beta2!r} must be in [0, 1), or null for no NorMuon.")
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
         if newton_schulz_dtype == "auto":
             on_cpu = all(
@@ -139,6 +235,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon = BatchedMuon(
             self._groups(muon=True),
             newton_schulz_dtype=getattr(torch, newton_schulz_dtype),
+            orthogonalizer=orthogonalizer,
+            normuon_beta2=normuon_beta2,
+            cautious_weight_decay=bool(cautious_weight_decay),
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,

@@ -58,6 +58,7 @@ CASES = {
     "window-sinks-gqa": ({"attention_window": 6, "attention_sinks": 2, "n_kv_head": 2}, None),
     "rope-yarn": ({"pos_encoding": {"name": "rope", "scaling": "yarn", "scaling_factor": 2.0}}, None),
     "learned-qk-norm": ({"pos_encoding": {"name": "learned"}, "qk_norm": True, "tie_embeddings": False}, None),
+    "unet-skips": ({"unet_skips": True, "n_layer": 3}, None),
 }
 
 

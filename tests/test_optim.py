@@ -1,6 +1,7 @@
 """Parameter routing and Muon + AdamW as one optimizer."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -136,3 +137,134 @@ def test_muon_steps_agree_whichever_dtype_orthogonalises():
         weights.append(model.blocks[0].mlp.fc.weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-3) and not torch.equal(weights[0], weights[1])
     assert MuonWithAdamW(parameter_groups(tiny_model())).newton_schulz_dtype in ("bfloat16", "float32")
+
+
+def reference_polar_express(matrix: torch.Tensor, steps: int) -> torch.Tensor:
+    """Polar Express written out for one matrix, in float64, as modded-nanogpt's loop runs it."""
+    from lm.optim import POLAR_EXPRESS_COEFFICIENTS
+
+    x = matrix.double()
+    wide = x.T if x.size(0) > x.size(1) else x
+    wide = wide / (wide.norm() * 1.02 + 1e-7)
+    for a, b, c in POLAR_EXPRESS_COEFFICIENTS[:steps]:
+        gram = wide @ wide.T
+        wide = a * wide + (b * gram + c * gram @ gram) @ wide
+    return wide.T if x.size(0) > x.size(1) else wide
+
+
+def test_polar_express_matches_its_reference_and_orthogonalises_closer_than_newton_schulz():
+    from lm.optim import newton_schulz
+
+    coefficients = (3.4445, -4.775, 2.0315)
+    for shape in [(48, 16), (16, 48), (32, 32)]:
+        stack = torch.randn((3, *shape), generator=torch.Generator().manual_seed(0))
+        ours = newton_schulz(stack, coefficients, 5, 1e-7, torch.float32, polar_express=True)
+        expected = torch.stack([reference_polar_express(g, 5) for g in stack]).float()
+        assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
+        # singular values: torch's quintic leaves them anywhere in ~[0.7, 1.2]; Polar Express brings them nearer 1
+        plain = newton_schulz(stack, coefficients, 5, 1e-7, torch.float32)
+        spread = [(torch.linalg.svdvals(x.double()) - 1).abs().max().item() for x in (ours, plain)]
+        assert spread[0] < spread[1] and spread[0] < 0.25, spread
+        # fewer steps take the first coefficients
+        three = newton_schulz(stack, coefficients, 3, 1e-7, torch.float32, polar_express=True)
+        assert torch.allclose(three, torch.stack([reference_polar_express(g, 3) for g in stack]).float(), atol=1e-4)
+
+
+def reference_normuon(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon for one (rows >= cols) matrix, row by row: divide each row by the root of its running mean square,
+    then restore the matrix's norm."""
+    rows = update.double()
+    mean_square = (rows**2).mean(dim=1)
+    second_moment.mul_(beta2).add_((1 - beta2) * mean_square)
+    scaled = rows / second_moment.clamp(min=1e-10).sqrt()[:, None]
+    return (scaled * rows.norm() / scaled.norm()).float()
+
+
+def muon_refinement_step(param: torch.Tensor, grad: torch.Tensor, **refinements):
+    from lm.optim import BatchedMuon
+
+    optimizer = BatchedMuon(
+        [param], lr=0.1, weight_decay=0.5, momentum=0.0, nesterov=False, adjust_lr_fn="match_rms_adamw",
+        newton_schulz_dtype=torch.float32,
+        **refinements,
+    )  # fmt: skip
+    param.grad = grad
+    optimizer.step()
+    return optimizer
+
+
+def test_normuon_scales_each_neuron_by_its_running_second_moment_and_keeps_it_in_the_state():
+    from lm.optim import newton_schulz
+
+    generator = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(24, 8, generator=generator), [torch.randn(24, 8, generator=generator) for _ in range(3)]
+    param = start.clone().requires_grad_()
+    optimizer = None
+    expected, moment = start.clone(), torch.zeros(24, dtype=torch.float64)
+    for grad in grads:
+        if optimizer is None:
+            optimizer = muon_refinement_step(param, grad.clone(), normuon_beta2=0.9)
+        else:
+            param.grad = grad.clone()
+            optimizer.step()
+        orthogonal = newton_schulz(grad[None], (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)[0]
+        update = reference_normuon(orthogonal, moment, 0.9)
+        expected = expected * (1 - 0.1 * 0.5) - 0.1 * 0.2 * math.sqrt(24) * update  # match_rms_adamw
+        assert torch.allclose(param.detach(), expected, atol=1e-5), (param.detach() - expected).abs().max()
+    saved = optimizer.state_dict()["state"][0]["normuon_second_moment"]
+    assert saved.shape == (24, 1) and torch.allclose(saved[:, 0].double(), moment, atol=1e-6)
+
+
+def test_cautious_weight_decay_decays_only_where_the_update_shrinks_the_weight():
+    from lm.optim import newton_schulz
+
+    generator = torch.Generator().manual_seed(1)
+    start, grad = torch.randn(16, 16, generator=generator), torch.randn(16, 16, generator=generator)
+    param = start.clone().requires_grad_()
+    muon_refinement_step(param, grad.clone(), cautious_weight_decay=True)
+    update = newton_schulz(grad[None], (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)[0]
+    agree = (start * update) >= 0
+    expected = torch.where(agree, start * (1 - 0.05), start) - 0.1 * 0.2 * 4 * update
+    assert torch.allclose(param.detach(), expected, atol=1e-6)
+    assert 0 < agree.sum() < agree.numel()  # both cases occur
+
+
+def test_muon_refinements_train_and_resume_exactly():
+    batch = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(0))
+    refinements = dict(orthogonalizer="polar_express", normuon_beta2=0.95, cautious_weight_decay=True)
+
+    def steps(model, optimizer, n):
+        for _ in range(n):
+            optimizer.zero_grad()
+            loss = loss_of(model, batch)
+            loss.backward()
+            optimizer.step()
+        return loss.item()
+
+    model = tiny_model()
+    optimizer = MuonWithAdamW(parameter_groups(model), lr=1e-2, **refinements)
+    first = steps(model, optimizer, 1)
+    state = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    last = steps(model, optimizer, 5)
+    assert last < first
+    restored = tiny_model()
+    restored.load_state_dict(state[0])
+    restored_opt = MuonWithAdamW(parameter_groups(restored), lr=1e-2, **refinements)
+    restored_opt.load_state_dict(state[1])
+    steps(restored, restored_opt, 5)
+    for ours, theirs in zip(model.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(orthogonalizer="svd"), "optimizer.orthogonalizer='svd'"),
+        (dict(orthogonalizer="polar_express", ns_steps=6), "optimizer.ns_steps=6 with polar_express"),
+        (dict(normuon_beta2=1.0), "optimizer.normuon_beta2=1.0"),
+        (dict(normuon_beta2=True), "optimizer.normuon_beta2=True"),
+    ],
+)
+def test_bad_muon_refinements_are_refused_in_one_line(bad, match):
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(")):
+        MuonWithAdamW(parameter_groups(tiny_model()), **bad)

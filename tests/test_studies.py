@@ -183,6 +183,37 @@ def test_optuna_search_composes_with_a_seeded_sampler_and_log_scale_lr():
     assert "optimizer.weight_decay" in sweeper.params
 
 
+def test_the_recipe_search_runs_at_the_default_runs_budget_over_the_recipes_settings():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = composed("hparams_search=optuna_recipe")
+    sweeper = cfg.hydra.sweeper
+    assert sweeper.direction == "minimize" and sweeper.n_jobs == 1 and sweeper.sampler.seed == 1337
+    searched = {"model.n_layer", "model.n_embd", "data.batch_size", "data.seq_length", "optimizer.lr"}
+    searched |= {"optimizer.embedding_lr", "lr_schedule.warmup_steps", "lr_schedule.min_lr_ratio"}
+    assert set(sweeper.params) == searched
+    # each trial is the five-minute run: the CPU recipe's settings, and no length of its own (default_time_budget)
+    assert cfg.model.n_layer == 4 and cfg.model.n_embd == 128 and cfg.optimizer._target_ == "lm.optim.MuonWithAdamW"
+    assert (cfg.optimizer.lr, cfg.data.batch_size, cfg.lr_schedule.warmup_steps) == (1e-2, 8, 30)
+    assert cfg.trainer.get("max_steps", -1) in (-1, None) and cfg.trainer.get("max_time") is None
+    assert cfg.get("study") is None
+
+
+def test_the_recipe_search_trains_its_trials_and_reports_the_best(tmp_path, corpus, cli):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    # the search's own space, shrunk to seconds: a few steps of tiny sizes
+    small = ["model.n_layer=choice(1,2)", "model.n_embd=choice(16,32)", "model.n_head=2"]
+    small += ["data.seq_length=choice(16,32)", "data.batch_size=choice(2,4)", "callbacks.text_sample.max_new_tokens=0"]
+    steps = ["trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=3"]
+    search = [f"data.path={corpus}", "hparams_search=optuna_recipe", "hydra.sweeper.n_trials=2"]
+    cli.train([*search, *small, *steps], tmp_path)
+    sweep = next((tmp_path / "outputs" / "multirun" / "optuna_recipe").iterdir())
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert len(summaries) == 2 and all(s["status"] == "finished" and s["global_step"] == 6 for s in summaries)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == min(s["metrics"]["val/loss"] for s in summaries)
+    assert {"optimizer.embedding_lr", "lr_schedule.warmup_steps", "model.n_embd"} <= set(best["best_params"])
+
+
 def test_a_study_is_one_command_that_ends_with_its_report(tmp_path, corpus, cli):
     # init_study with two seeds instead of three: 3 configurations x 2 seeds, then compare.py by itself
     result = cli.train(

@@ -41,6 +41,8 @@ OPTIONS = {
     "softcap": dict(logit_softcap=2.0),  # small, so that the cap bends these random logits
     "modern": dict(norm="rmsnorm", mlp="relu2", qk_norm=True, tie_embeddings=False, logit_softcap=2.0),
     "post_swiglu_rms": dict(norm="rmsnorm", norm_position="post", mlp="swiglu", qk_norm=True),
+    "unet": dict(unet_skips=True, n_layer=5),  # two pairs and a middle block
+    "unet_modern_post": dict(unet_skips=True, n_layer=4, norm="rmsnorm", norm_position="post", qk_norm=True),
 }
 MODERN_OVERRIDES = [
     "model.norm=rmsnorm",
@@ -54,15 +56,8 @@ MODERN_OVERRIDES = [
 def model_with(options: dict, pe: str, seq_length: int = 24, dtype=torch.float64) -> Transformer:
     """Two layers, random weights larger than at initialisation (varied logits), norm gains away from 1."""
     torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=len(VOCAB),
-        seq_length=seq_length,
-        n_layer=2,
-        n_head=2,
-        n_embd=16,
-        pos_encoding={"name": pe},
-        **options,
-    )
+    settings = dict(vocab_size=len(VOCAB), seq_length=seq_length, n_layer=2, n_head=2, n_embd=16)
+    config = TransformerConfig(**{**settings, **options}, pos_encoding={"name": pe})
     model = Transformer(config).to(dtype)
     with torch.no_grad():
         for param in model.parameters():
@@ -127,13 +122,18 @@ def reference_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
         x = x * math.sqrt(config.n_embd) + model.position(0, T)
     elif config.pos_encoding.name == "learned":
         x = x + model.position(0, T)
-    for block in model.blocks:
+    outputs = []  # each block's output
+    for i, block in enumerate(model.blocks):
+        partner = config.n_layer - 1 - i  # U-Net: the first half's outputs, mirrored, join the second half's inputs
+        if config.unet_skips and partner < i:
+            x = x + model.skip_weights[partner] * outputs[partner]
         if config.norm_position == "post":
             x = norm(block.ln_1, x + attention(block.attn, x))
             x = norm(block.ln_2, x + mlp(block, x))
         else:
             x = x + attention(block.attn, norm(block.ln_1, x))
             x = x + mlp(block, norm(block.ln_2, x))
+        outputs.append(x)
     if config.norm_position == "pre":
         x = norm(model.ln_f, x)
     weight = model.token_embedding.weight if config.tie_embeddings else model.head.weight
@@ -281,6 +281,21 @@ def test_options_change_the_parameters_as_documented():
     post = Transformer(TransformerConfig(**sizes, norm_position="post"))
     assert isinstance(post.ln_f, torch.nn.Identity)  # the last block's norm is the final one
     assert TransformerConfig(vocab_size=65, n_embd=384, n_head=6, mlp="swiglu").mlp_hidden == 1024
+    unet = Transformer(TransformerConfig(**{**sizes, "n_layer": 5}, unet_skips=True))
+    assert torch.equal(unet.skip_weights, torch.ones(2))  # a weight per pair, starting at 1; the middle block has none
+    assert unet.num_parameters() == Transformer(TransformerConfig(**{**sizes, "n_layer": 5})).num_parameters() + 2
+
+
+def test_unet_skips_feed_each_first_half_output_to_its_mirrored_block():
+    """With every block's MLP and attention silenced, block i's output is its input: the stream then shows which
+    outputs the skips added, and with what weight."""
+    model = Transformer(TransformerConfig(vocab_size=11, n_layer=4, n_head=2, n_embd=8, unet_skips=True))
+    seen = []
+    with torch.no_grad():
+        model.skip_weights.copy_(torch.tensor([10.0, 100.0]))
+        out = model.through_blocks(torch.ones(1), lambda block, h: seen.append(h.item()) or h + 1)
+    # blocks 0 and 1 give 2 and 3; block 2 gets 3 + 100 * 3 (block 1's output), block 3 gets 304 + 10 * 2
+    assert seen == [1, 2, 303, 324] and out.item() == 325
 
 
 def test_soft_capped_logits_stay_below_the_cap():
@@ -300,6 +315,7 @@ def test_soft_capped_logits_stay_below_the_cap():
         (dict(tie_embeddings=1), "model.tie_embeddings=1 must be true or false"),
         (dict(logit_softcap=0), "model.logit_softcap=0 must be a positive number, or null"),
         (dict(logit_softcap=-3.0), "model.logit_softcap=-3.0 must be a positive number"),
+        (dict(unet_skips="on"), "model.unet_skips='on' must be true or false"),
     ],
 )
 def test_bad_option_values_are_refused_with_the_fix(kw, match):
@@ -312,7 +328,7 @@ def test_bad_option_values_are_refused_with_the_fix(kw, match):
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
-@pytest.mark.parametrize("option", ["post", "swiglu", "relu2", "modern", "post_swiglu_rms"])
+@pytest.mark.parametrize("option", ["post", "swiglu", "relu2", "modern", "post_swiglu_rms", "unet"])
 def test_decoding_with_the_cache_matches_the_full_forward(option, pe):
     model = model_with(OPTIONS[option], pe, dtype=torch.float32).eval()
     idx = torch.randint(0, len(VOCAB), (3, 24))

@@ -75,6 +75,8 @@ def describe_block(c: TransformerConfig) -> str:
     parts.append("tied embeddings" if c.tie_embeddings else "untied head")
     if c.logit_softcap is not None:
         parts.append(f"logits soft-capped at {c.logit_softcap:g}")
+    if c.unet_skips:
+        parts.append("U-Net skips")
     if c.bias:
         parts.append("biases")
     return ", ".join(parts)

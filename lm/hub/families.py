@@ -41,10 +41,11 @@ class Family:
 
 
 def plain_block(c: TransformerConfig) -> bool:
-    """What every family needs: pre-LN, no soft-cap, full attention, and RoPE (if any) as trained."""
+    """What every family needs: pre-LN, no soft-cap, no U-Net skips, full attention, and RoPE (if any) as trained."""
     return (
         c.norm_position == "pre"
         and c.logit_softcap is None
+        and not c.unet_skips
         and c.attention_window is None
         and (c.pos_encoding.name != "rope" or c.pos_encoding.scaling is None)
     )
