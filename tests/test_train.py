@@ -310,12 +310,13 @@ def test_on_a_gpu_the_default_run_is_nanogpts_size_with_muon_compiled_for_1500_s
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_on_a_cpu_the_default_run_is_the_cpu_recipe_with_or_without_bf16(monkeypatch, native_bf16):
+def test_on_a_cpu_the_default_run_is_the_recipe_for_its_precision(monkeypatch, native_bf16):
     from lm import cli
 
     monkeypatch.setattr(cli, "training_device_type", lambda accelerator: "cpu")
     monkeypatch.setattr("lm.hardware.cpu_supports_bf16", lambda: native_bf16)
-    recipe = [f"{k}={v}" for k, v in cli.machine_recipes()["cpu"].items()]
+    kind = "cpu" if native_bf16 else "cpu_fp32"
+    recipe = [f"{k}={v}" for k, v in cli.machine_recipes()[kind].items()]
     assert "model=mini" in recipe and "optimizer=muon" in recipe
     assert cli.recipe_for_this_machine(["train.py"]) == ["train.py", *recipe]
     multirun = ["train.py", "-m", "pos_encoding=learned,rope"]
@@ -335,7 +336,31 @@ def test_on_a_cpu_the_default_run_is_the_cpu_recipe_with_or_without_bf16(monkeyp
     assert "model=mini" in added and not any(a.startswith(("optimizer", "data.batch_size")) for a in added)
     # another setting of the recipe's optimizer keeps the recipe's optimizer and its learning rate
     tweaked = cli.recipe_for_this_machine(["train.py", "optimizer.weight_decay=0"])
-    assert {"optimizer=muon", f"optimizer.lr={cli.machine_recipes()['cpu']['optimizer.lr']}"} <= set(tweaked[1:-1])
+    assert {"optimizer=muon", f"optimizer.lr={cli.machine_recipes()[kind]['optimizer.lr']}"} <= set(tweaked[1:-1])
+    # fp32 asked for on a bf16 CPU takes the fp32 recipe, and bf16 asked for on any CPU the bf16 one
+    fp32 = [f"{k}={v}" for k, v in cli.machine_recipes()["cpu_fp32"].items()]
+    assert cli.recipe_for_this_machine(["train.py", "trainer.precision=32-true"])[1:-1] == fp32
+    bf16 = [f"{k}={v}" for k, v in cli.machine_recipes()["cpu"].items()]
+    assert cli.recipe_for_this_machine(["train.py", "trainer.precision=bf16-mixed"])[1:-1] == bf16
+    assert cli.recipe_for_this_machine(["train.py", "trainer.precision=16-mixed"])[1:-1] == bf16  # refused later
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cpu_fp32", "cuda"])
+def test_every_machine_recipe_composes_into_a_model_and_optimizer(kind, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lm import cli
+    from lm.model import Transformer
+    from lm.optim import parameter_groups
+    from lm.train import model_config
+
+    overrides = [f"{k}={v}" for k, v in cli.machine_recipes()[kind].items()]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
+    config, _ = model_config(cfg, vocab_size=65)
+    optimizer = instantiate(cfg.optimizer)(parameter_groups(Transformer(config)))
+    assert optimizer.param_groups[0]["lr"] == float(cli.machine_recipes()[kind]["optimizer.lr"])
 
 
 @pytest.mark.parametrize(
