@@ -531,6 +531,8 @@ class Transformer(nn.Module):
 
         An untied head is a weight matrix like the others.
         """
+        if self.skip_weights is not None:  # each U-Net skip starts as a plain addition, under every init
+            nn.init.ones_(self.skip_weights)
         if self.config.init == "pytorch":
             for module in self.modules():
                 if module is not self and hasattr(module, "reset_parameters"):
@@ -540,6 +542,8 @@ class Transformer(nn.Module):
             return
         gains = {id(m.weight) for m in self.modules() if isinstance(m, nn.LayerNorm | RMSNorm)}
         for name, param in self.named_parameters():
+            if param is self.skip_weights:
+                continue
             if name.endswith("bias"):
                 nn.init.zeros_(param)
             elif id(param) in gains:
@@ -554,8 +558,6 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, std=0.02)
         if isinstance(self.relative_bias, FIRE):  # its scalars and tiny MLP start as the paper's
             self.relative_bias.reset_parameters()
-        if self.skip_weights is not None:
-            nn.init.ones_(self.skip_weights)
 
     def extend_context(self, scaling: str | None, factor: float = 1.0, original_length: int | None = None) -> None:
         """Applies RoPE's context extension `scaling` by `factor` past `original_length` (default the training

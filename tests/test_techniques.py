@@ -281,8 +281,9 @@ def test_options_change_the_parameters_as_documented():
     post = Transformer(TransformerConfig(**sizes, norm_position="post"))
     assert isinstance(post.ln_f, torch.nn.Identity)  # the last block's norm is the final one
     assert TransformerConfig(vocab_size=65, n_embd=384, n_head=6, mlp="swiglu").mlp_hidden == 1024
-    unet = Transformer(TransformerConfig(**{**sizes, "n_layer": 5}, unet_skips=True))
-    assert torch.equal(unet.skip_weights, torch.ones(2))  # a weight per pair, starting at 1; the middle block has none
+    for init in ("gpt2", "pytorch", "xavier", "zero_proj"):  # a weight per pair, starting at 1 under every init
+        unet = Transformer(TransformerConfig(**{**sizes, "n_layer": 5}, unet_skips=True, init=init))
+        assert torch.equal(unet.skip_weights, torch.ones(2)), init  # the middle block of five has no pair
     assert unet.num_parameters() == Transformer(TransformerConfig(**{**sizes, "n_layer": 5})).num_parameters() + 2
 
 
