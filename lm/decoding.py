@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.model import UNFILLED, Block, CausalSelfAttention, KVCache, Transformer, decoding_positions
+from lm.model import UNFILLED, Block, CausalSelfAttention, KVCache, Transformer, ValueMix, decoding_positions
 from lm.positional import SinusoidalPositionalEncoding
 
 
@@ -27,15 +27,16 @@ def attention_step(
     visible: torch.Tensor,
     rotation: torch.Tensor | None,
     cache: KVCache,
+    values: ValueMix | None = None,
 ) -> torch.Tensor:
     """`residual + attn(h)` for one new position per row (h, residual: (B, C)) whose key and value go to the
     cache's `slot` (a 0-d tensor), attending to the cache's first L slots with the additive mask `visible`,
     (1, 1, L) or per head (B * H_kv, group, L) with a relative bias: 0 (or the bias) or -inf; `rotation` is the
-    rotation's (3, D, D) for this position (RoPE, xPos). With grouped-query attention, each key/value head's
-    group of queries meets its keys in one product."""
+    rotation's (3, D, D) for this position (RoPE, xPos); `values`: what the values mix in (`Transformer.value_mix`).
+    With grouped-query attention, each key/value head's group of queries meets its keys in one product."""
     B, C = h.shape
     H, H_kv, D = attn.n_head, attn.n_kv_head, attn.head_dim
-    qkv = decode_linear(h, attn.qkv, cache.matrices.get(attn.qkv))
+    qkv = attn.mix_values(decode_linear(h, attn.qkv, cache.matrices.get(attn.qkv)), values)
     if H_kv == H:
         qkv = qkv.view(B, 3, H, D)
         if attn.q_norm is not None:  # QK-norm, before the rotation
@@ -69,12 +70,12 @@ def attention_step(
     return decode_linear(y.view(B, C), attn.proj, cache.matrices.get(attn.proj), residual)
 
 
-def block_step(block: Block, x: torch.Tensor, slot, visible, rotation, cache: KVCache) -> torch.Tensor:
+def block_step(block: Block, x: torch.Tensor, slot, visible, rotation, cache: KVCache, values=None) -> torch.Tensor:
     """`block(x)` with a cache for one new position per row, `x` of shape (B, C), in inference (no dropout)."""
     if block.post_norm:  # ln(x + f(x)): the norms after the residual additions
-        x = block.ln_1(attention_step(block.attn, x, x, slot, visible, rotation, cache))
+        x = block.ln_1(attention_step(block.attn, x, x, slot, visible, rotation, cache, values))
         return block.ln_2(mlp_step(block, x, x, cache))
-    x = attention_step(block.attn, block.ln_1(x), x, slot, visible, rotation, cache)
+    x = attention_step(block.attn, block.ln_1(x), x, slot, visible, rotation, cache, values)
     return mlp_step(block, block.ln_2(x), x, cache)
 
 
@@ -251,5 +252,6 @@ def decode_step(model: Transformer, ids: torch.Tensor, position: torch.Tensor, c
         visible = torch.zeros(1, 1, span, dtype=x.dtype, device=x.device)
         if seen is not None:
             visible.masked_fill_(~seen, -math.inf)
-    x = model.through_blocks(x, lambda block, h: block_step(block, h, slot, visible, rotation, cache))
+    values = model.value_mix(ids)
+    x = model.through_blocks(x, lambda block, h: block_step(block, h, slot, visible, rotation, cache, values))
     return model.cap_logits(decode_linear(model.ln_f(x), model.head, cache.matrices.get(model.head)))

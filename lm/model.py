@@ -121,6 +121,8 @@ class TransformerConfig:
     tie_embeddings: bool = True  # the output head shares the token embedding's matrix
     logit_softcap: float | None = None  # c: logits become c * tanh(logits / c)
     unet_skips: bool = False  # the first half's block outputs feed the second half's inputs, mirrored (modded-nanogpt)
+    value_embeddings: int = 0  # K tables of per-token values, mixed into the first K and the last K layers' values
+    value_residual: bool = False  # every later layer's values mixed with the first layer's (ResFormer)
 
     def __post_init__(self):
         if not isinstance(self.pos_encoding, PositionalEncodingConfig):  # a dict, or a DictConfig
@@ -164,9 +166,14 @@ class TransformerConfig:
         for name, choices in (("norm", NORMS), ("norm_position", NORM_POSITIONS), ("mlp", MLPS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(choices)}.")
-        for name in ("qk_norm", "tie_embeddings", "unet_skips"):
+        for name in ("qk_norm", "tie_embeddings", "unet_skips", "value_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} must be true or false.")
+        if not is_count(self.value_embeddings, minimum=0) or self.value_embeddings > self.n_layer // 2:
+            raise ConfigError(
+                f"model.value_embeddings={self.value_embeddings!r} must be a whole number from 0 to n_layer // 2 = "
+                f"{self.n_layer // 2} (each table serves one of the first and one of the last layers)."
+            )
         cap = self.logit_softcap
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or not cap > 0):
             raise ConfigError(f"model.logit_softcap={cap!r} must be a positive number, or null for no cap.")
@@ -193,8 +200,31 @@ class TransformerConfig:
             return 8 * max(1, round(self.n_embd * 8 / 3 / 8))
         return 4 * self.n_embd
 
+    def value_table(self, layer: int) -> int | None:
+        """The value embedding table that `layer` mixes in: table i for layer i and for layer n_layer - K + i (as
+        modded-nanogpt shares its three between the first and the last three layers), else None."""
+        K = self.value_embeddings
+        if layer < K:
+            return layer
+        if layer >= self.n_layer - K:
+            return layer - (self.n_layer - K)
+        return None
+
+    def value_sources(self, layer: int) -> int:
+        """How many tensors `layer` mixes into its values: a value embedding, the first layer's values, both or none."""
+        return int(self.value_table(layer) is not None) + int(self.value_residual and layer > 0)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ValueMix:
+    """What one forward pass's attention layers mix into their values: the value embeddings of its tokens (one per
+    table, (B, T, H_kv x D) each) and, with a value residual, the first layer's values, which that layer puts here."""
+
+    def __init__(self, embeddings: list[torch.Tensor]):
+        self.embeddings = embeddings
+        self.first: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,6 +301,11 @@ class CausalSelfAttention(nn.Module):
         # QK-norm: RMSNorm of each head's query and key, with gains of their own (as OLMo 2 and Qwen 3 do)
         self.q_norm = RMSNorm(config.head_dim) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim) if config.qk_norm else None
+        # value embeddings and the value residual: v = l0 v + l1 e + l2 v_first, with learned l (reset_parameters)
+        self.value_table = config.value_table(layer)
+        self.value_residual = config.value_residual
+        sources = config.value_sources(layer)
+        self.value_lambdas = nn.Parameter(torch.empty(1 + sources)) if sources else None
 
     def norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The query and key norms' gains, or (None, None) without QK-norm."""
@@ -278,19 +313,39 @@ class CausalSelfAttention(nn.Module):
             return None, None
         return self.q_norm.weight, self.k_norm.weight
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def mix_values(self, qkv: torch.Tensor, values: ValueMix | None) -> torch.Tensor:
+        """The projection's output (..., (H + 2 H_kv) D) with its values mixed with the value embedding and the
+        first layer's values where this layer takes them; the first layer of a value residual keeps its values in
+        `values` for the others. Decoding's step calls this too."""
+        if self.value_lambdas is None and not (self.value_residual and self.layer == 0):
+            return qkv
+        qk, v = qkv.split([(self.n_head + self.n_kv_head) * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        if self.value_lambdas is not None:
+            sources = [values.embeddings[self.value_table]] if self.value_table is not None else []
+            sources += [values.first] if self.value_residual and self.layer > 0 else []
+            mixed = self.value_lambdas[0] * v
+            for weight, source in zip(self.value_lambdas[1:], sources, strict=True):
+                mixed = mixed + weight * source.to(v.dtype)
+            v = mixed
+            qkv = torch.cat([qk, v], dim=-1)
+        if self.value_residual and self.layer == 0:
+            values.first = v
+        return qkv
+
+    def heads(self, x: torch.Tensor, values: ValueMix | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, T, H, D), k and v (B, T, H_kv, D): views of one projection."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, *2 * [self.n_kv_head * self.head_dim]], dim=-1)
+        qkv = self.mix_values(self.qkv(x), values)
+        q, k, v = qkv.split([self.n_head * self.head_dim, *2 * [self.n_kv_head * self.head_dim]], dim=-1)
         return q.view(B, T, self.n_head, self.head_dim), *(t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
 
-    def fused_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_heads(self, x: torch.Tensor, values: ValueMix | None = None) -> torch.Tensor:
         """(B, T, 3, H, D): queries, keys and values with every query head's own key and value, as the CPU kernels
         take them; with grouped-query attention each key/value head is repeated for its group (one copy)."""
         B, T, _ = x.shape
         if self.n_kv_head == self.n_head:
-            return self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
-        q, k, v = self.heads(x)
+            return self.mix_values(self.qkv(x), values).view(B, T, 3, self.n_head, self.head_dim)
+        q, k, v = self.heads(x, values)
         group = self.n_head // self.n_kv_head
         kv = torch.stack([k, v], dim=2).unsqueeze(4).expand(B, T, 2, self.n_kv_head, group, self.head_dim)
         return torch.cat([q.unsqueeze(2), kv.reshape(B, T, 2, self.n_head, self.head_dim)], dim=2)
@@ -302,15 +357,17 @@ class CausalSelfAttention(nn.Module):
         bias: torch.Tensor | None,
         cache: KVCache | None,
         context: int | None = None,
+        values: ValueMix | None = None,
     ) -> torch.Tensor:
         """`bias`: the additive mask (H or 1, T, cache length + T) with -inf on keys a query may not see (the future,
-        or outside a window), or None (causal). `context`: the positions the model reads at once (dynamic NTK)."""
+        or outside a window), or None (causal). `context`: the positions the model reads at once (dynamic NTK).
+        `values`: what the values mix in (value embeddings, the value residual), or None."""
         B, T, C = x.shape
         dropout_p = self.dropout if self.training else 0.0
         on_cpu_kernels = T <= CPU_KERNELS_MAX_LENGTH or B * self.n_head * T * T <= CPU_KERNELS_MAX_SCORES
         if cache is None and x.device.type == "cpu" and on_cpu_kernels:
             # the same computation as below, in hand-written passes (lm/kernels.py) or, where it wins, the flash kernel
-            qkv = self.fused_heads(x)
+            qkv = self.fused_heads(x, values)
             cos, sin = rope.qk_tables(0, T, context) if rope is not None else (None, None)
             q_weight, k_weight = self.norm_weights()  # RotaryHeads normalises q and k first, with QK-norm
             if dropout_p == 0 and bias is None and qkv.dtype == torch.float32:
@@ -328,7 +385,7 @@ class CausalSelfAttention(nn.Module):
                 y = y.view(B, self.n_head, T, self.head_dim)
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         start = cache.length if cache is not None else 0
-        q, k, v = self.heads(x)
+        q, k, v = self.heads(x, values)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -402,11 +459,12 @@ class Block(nn.Module):
         bias: torch.Tensor | None,
         cache: KVCache | None,
         context: int | None = None,
+        values: ValueMix | None = None,
     ) -> torch.Tensor:
         if self.post_norm:
-            x = self.ln_1(x + self.attn(x, rope, bias, cache, context))
+            x = self.ln_1(x + self.attn(x, rope, bias, cache, context, values))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), rope, bias, cache, context)
+        x = x + self.attn(self.ln_1(x), rope, bias, cache, context, values)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -512,6 +570,11 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         # U-Net skips: one learned weight per pair (block i's output, block n_layer - 1 - i's input), starting at 1
         self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2)) if config.unet_skips else None
+        # value embeddings: per-token values, one table per pair of layers that mixes them in (config.value_table)
+        kv_width = config.kv_heads * config.head_dim
+        self.value_embeddings = nn.ModuleList(
+            nn.Embedding(config.vocab_size, kv_width) for _ in range(config.value_embeddings)
+        )
         # post-norm blocks end normalised already: no final norm, as in the 2017 Transformer
         self.ln_f = nn.Identity() if config.norm_position == "post" else make_norm(config, config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -533,6 +596,9 @@ class Transformer(nn.Module):
         """
         if self.skip_weights is not None:  # each U-Net skip starts as a plain addition, under every init
             nn.init.ones_(self.skip_weights)
+        mixing = [b.attn.value_lambdas for b in self.blocks if b.attn.value_lambdas is not None]
+        for lambdas in mixing:  # a layer's values start as the even mean of what it mixes (modded-nanogpt's 0.5, 0.5)
+            nn.init.constant_(lambdas, 1.0 / len(lambdas))
         if self.config.init == "pytorch":
             for module in self.modules():
                 if module is not self and hasattr(module, "reset_parameters"):
@@ -542,7 +608,7 @@ class Transformer(nn.Module):
             return
         gains = {id(m.weight) for m in self.modules() if isinstance(m, nn.LayerNorm | RMSNorm)}
         for name, param in self.named_parameters():
-            if param is self.skip_weights:
+            if param is self.skip_weights or name.endswith("value_lambdas"):
                 continue
             if name.endswith("bias"):
                 nn.init.zeros_(param)
@@ -607,7 +673,8 @@ class Transformer(nn.Module):
         x = self.dropout(x)
         bias = self.attention_bias(start, T, idx.device)
         context = cache.max_length if cache is not None else T  # what dynamic NTK scales for
-        x = self.through_blocks(x, lambda block, h: block(h, self.rope, bias, cache, context))
+        values = self.value_mix(idx)
+        x = self.through_blocks(x, lambda block, h: block(h, self.rope, bias, cache, context, values))
         if cache is not None:
             cache.length += T
         return self.cap_logits(self.head(self.ln_f(x)))
@@ -628,6 +695,13 @@ class Transformer(nn.Module):
             if i < pairs:
                 kept.append(x)
         return x
+
+    def value_mix(self, idx: torch.Tensor) -> ValueMix | None:
+        """What the attention layers mix into their values for tokens `idx`: their value embeddings (and room for
+        the first layer's values); None for a model without value embeddings or a value residual."""
+        if not self.config.value_embeddings and not self.config.value_residual:
+            return None
+        return ValueMix([table(idx) for table in self.value_embeddings])
 
     def attention_bias(self, start: int, length: int, device) -> torch.Tensor | None:
         """The additive mask (H or 1, length, start + length) for positions start .. start + length - 1 over keys 0 ..

@@ -6,7 +6,7 @@ import torch
 import torch.optim._muon as torch_muon
 from torch import nn
 
-from lm.errors import ConfigError
+from lm.errors import ConfigError, is_count, is_number
 from lm.hardware import cpu_supports_bf16
 
 HIDDEN_MATRICES = "hidden_matrices"
@@ -87,10 +87,11 @@ class BatchedMuon(torch.optim.Muon):
     """torch's `Muon` (same settings, state and update), with its Newton-Schulz iteration run once per matrix shape
     over all same-shaped matrices stacked (`newton_schulz`), and the momentum, decay and update as foreach ops.
 
-    Three later refinements, each off by default (then the step is torch's): `orthogonalizer="polar_express"`
+    Four later refinements, each off by default (then the step is torch's): `orthogonalizer="polar_express"`
     (Polar Express's per-step coefficients), `normuon_beta2` (NorMuon's per-neuron second moment, kept in each
-    parameter's state as `normuon_second_moment`) and `cautious_weight_decay` (decay only the entries that the
-    update is already shrinking, as modded-nanogpt does: Chen et al., 2025, "Cautious Weight Decay")."""
+    parameter's state as `normuon_second_moment`), `cautious_weight_decay` (decay only the entries that the
+    update is already shrinking, as modded-nanogpt does: Chen et al., 2025, "Cautious Weight Decay") and
+    `momentum_warmup_steps` (the momentum rises from `momentum_warmup_start`: `momentum_at`)."""
 
     def __init__(
         self,
@@ -99,6 +100,8 @@ class BatchedMuon(torch.optim.Muon):
         orthogonalizer: str = "newton_schulz",
         normuon_beta2: float | None = None,
         cautious_weight_decay: bool = False,
+        momentum_warmup_steps: int = 0,
+        momentum_warmup_start: float = 0.85,
         **kwargs,
     ):
         super().__init__(params, **kwargs)
@@ -106,6 +109,16 @@ class BatchedMuon(torch.optim.Muon):
         self.orthogonalizer = orthogonalizer
         self.normuon_beta2 = normuon_beta2
         self.cautious_weight_decay = cautious_weight_decay
+        self.momentum_warmup_steps, self.momentum_warmup_start = momentum_warmup_steps, momentum_warmup_start
+
+    def momentum_at(self, group: dict) -> float:
+        """The group's momentum for its next step: with a momentum warmup, from `momentum_warmup_start` at the
+        first step linearly to `momentum` at step `momentum_warmup_steps` (modded-nanogpt's 0.85 to 0.95); the
+        steps taken are counted in the group (`muon_steps`), so they are saved with the optimizer's state."""
+        if not self.momentum_warmup_steps:
+            return group["momentum"]
+        progress = min(group.get("muon_steps", 0) / self.momentum_warmup_steps, 1.0)
+        return self.momentum_warmup_start + progress * (group["momentum"] - self.momentum_warmup_start)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,7 +131,9 @@ class BatchedMuon(torch.optim.Muon):
             self._init_group(group, params, grads, buffers)
             if not params:
                 continue
-            lr, momentum = group["lr"], group["momentum"]
+            lr, momentum = group["lr"], self.momentum_at(group)
+            if self.momentum_warmup_steps:
+                group["muon_steps"] = group.get("muon_steps", 0) + 1
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
             by_shape: dict[torch.Size, list[int]] = {}
@@ -177,7 +192,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     else bf16. The iteration runs batched over same-shaped matrices (`BatchedMuon`). `embedding_lr`: a learning
     rate of its own for the `embeddings` group (the token embedding, a tied head, learned positions), as
     modded-nanogpt gives its embeddings; null: `lr`. The schedule scales every group's lr alike.
-    `orthogonalizer`, `normuon_beta2`, `cautious_weight_decay`: Muon's later refinements (`BatchedMuon`).
+    `orthogonalizer`, `normuon_beta2`, `cautious_weight_decay`, `momentum_warmup_steps`, `momentum_warmup_start`:
+    Muon's later refinements (`BatchedMuon`).
     """
 
     def __init__(
@@ -196,6 +212,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         orthogonalizer: str = "newton_schulz",
         normuon_beta2: float | None = None,
         cautious_weight_decay: bool = False,
+        momentum_warmup_steps: int = 0,
+        momentum_warmup_start: float = 0.85,
     ):
         groups = list(params)
         if not groups or not isinstance(groups[0], dict) or not any(g.get("name") == HIDDEN_MATRICES for g in groups):
@@ -224,6 +242,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
             isinstance(normuon_beta2, bool) or not isinstance(normuon_beta2, int | float) or not 0 <= normuon_beta2 < 1
         ):
             raise ConfigError(f"optimizer.normuon_beta2={normuon_beta2!r} must be in [0, 1), or null for no NorMuon.")
+        if not is_count(momentum_warmup_steps, minimum=0):
+            raise ConfigError(
+                f"optimizer.momentum_warmup_steps={momentum_warmup_steps!r} must be a whole number of steps, 0 or more."
+            )
+        if not is_number(momentum_warmup_start) or not 0 <= momentum_warmup_start < 1:
+            raise ConfigError(f"optimizer.momentum_warmup_start={momentum_warmup_start!r} must be in [0, 1).")
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
         if newton_schulz_dtype == "auto":
             on_cpu = all(
@@ -238,6 +262,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             orthogonalizer=orthogonalizer,
             normuon_beta2=normuon_beta2,
             cautious_weight_decay=bool(cautious_weight_decay),
+            momentum_warmup_steps=momentum_warmup_steps,
+            momentum_warmup_start=momentum_warmup_start,
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,

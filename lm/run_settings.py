@@ -98,6 +98,15 @@ def check_checkpoint(
             f"{option} is at step {step} and trainer.max_steps={limits['max_steps']} counts from the start of that "
             f"run, so no step is left; set trainer.max_steps above {step}."
         )
+    averaged = checkpoint.get("callbacks", {}).get("EMAWeights", {})
+    if "training_weights" in averaged and (cfg.get("callbacks") or {}).get("ema_weights", {}).get("decay") is None:
+        # its weights are the average: training on from them, without the weights it trained, would change the run
+        option = f"resume={cfg.resume}" if continuing else f"ckpt_path={path}"
+        raise ConfigError(
+            f"{option}: that run kept an average of its weights, which its checkpoints hold; pass "
+            f"callbacks.ema_weights.decay={averaged['decay']} to train on, or start a new run from the average with "
+            f"init_from={path}."
+        )
     if continuing:
         keep_resumed_settings(cfg, step)
         note = note or f"resuming the run in {cfg.resume} from step {step} (its checkpoints/last.ckpt)"

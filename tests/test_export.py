@@ -59,6 +59,7 @@ CASES = {
     "rope-yarn": ({"pos_encoding": {"name": "rope", "scaling": "yarn", "scaling_factor": 2.0}}, None),
     "learned-qk-norm": ({"pos_encoding": {"name": "learned"}, "qk_norm": True, "tie_embeddings": False}, None),
     "unet-skips": ({"unet_skips": True, "n_layer": 3}, None),
+    "value-embeddings-residual-gqa": ({"value_embeddings": 1, "value_residual": True, "n_kv_head": 1}, None),
 }
 
 

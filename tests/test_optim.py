@@ -229,9 +229,32 @@ def test_cautious_weight_decay_decays_only_where_the_update_shrinks_the_weight()
     assert 0 < agree.sum() < agree.numel()  # both cases occur
 
 
+def test_momentum_warmup_steps_as_muon_with_each_steps_momentum_set_by_hand():
+    batch = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(0))
+    warmed, by_hand = tiny_model(), tiny_model()
+    by_hand.load_state_dict(warmed.state_dict())
+    ours = MuonWithAdamW(parameter_groups(warmed), lr=1e-2, momentum_warmup_steps=4, momentum_warmup_start=0.5)
+    reference = MuonWithAdamW(parameter_groups(by_hand), lr=1e-2)
+    hidden = next(g for g in reference.param_groups if g["name"] == HIDDEN_MATRICES)
+    expected = [0.5, 0.6125, 0.725, 0.8375, 0.95, 0.95]  # 0.5 + t/4 x (0.95 - 0.5), then 0.95
+    for momentum in expected:
+        assert ours.muon.momentum_at(ours.muon.param_groups[0]) == pytest.approx(momentum)
+        hidden["momentum"] = momentum
+        for model, optimizer in ((warmed, ours), (by_hand, reference)):
+            optimizer.zero_grad()
+            loss_of(model, batch).backward()
+            optimizer.step()
+        for a, b in zip(warmed.parameters(), by_hand.parameters(), strict=True):
+            assert torch.equal(a, b)
+    saved = next(g for g in ours.state_dict()["param_groups"] if g["name"] == HIDDEN_MATRICES)
+    assert saved["muon_steps"] == 6  # saved with the optimizer
+
+
 def test_muon_refinements_train_and_resume_exactly():
     batch = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(0))
-    refinements = dict(orthogonalizer="polar_express", normuon_beta2=0.95, cautious_weight_decay=True)
+    refinements = dict(
+        orthogonalizer="polar_express", normuon_beta2=0.95, cautious_weight_decay=True, momentum_warmup_steps=3
+    )
 
     def steps(model, optimizer, n):
         for _ in range(n):
@@ -263,6 +286,9 @@ def test_muon_refinements_train_and_resume_exactly():
         (dict(orthogonalizer="polar_express", ns_steps=6), "optimizer.ns_steps=6 with polar_express"),
         (dict(normuon_beta2=1.0), "optimizer.normuon_beta2=1.0"),
         (dict(normuon_beta2=True), "optimizer.normuon_beta2=True"),
+        (dict(momentum_warmup_steps=-1), "optimizer.momentum_warmup_steps=-1"),
+        (dict(momentum_warmup_steps=2.5), "optimizer.momentum_warmup_steps=2.5"),
+        (dict(momentum_warmup_start=1.0), "optimizer.momentum_warmup_start=1.0"),
     ],
 )
 def test_bad_muon_refinements_are_refused_in_one_line(bad, match):

@@ -331,6 +331,8 @@ def test_ddp_two_cpu_processes_last_through_many_validations_and_reduce_them_exa
             *length,
             "trainer.val_check_interval=5",
             "callbacks.text_sample.max_new_tokens=100",
+            # with an average of the weights: the reduced val/loss below must then be the saved average's
+            "callbacks.ema_weights.decay=0.9",
         ],
         tmp_path,
         python_warnings=None,

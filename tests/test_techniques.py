@@ -27,6 +27,7 @@ from lm.fused import (
     swiglu_reference,
 )
 from lm.model import POSITIONAL_ENCODINGS, KVCache, RMSNorm, Transformer, TransformerConfig
+from lm.optim import parameter_groups
 from lm.tokenizer import CharTokenizer
 
 # each option alone, the modern recipe, and a mix with post-LN and SwiGLU
@@ -43,6 +44,19 @@ OPTIONS = {
     "post_swiglu_rms": dict(norm="rmsnorm", norm_position="post", mlp="swiglu", qk_norm=True),
     "unet": dict(unet_skips=True, n_layer=5),  # two pairs and a middle block
     "unet_modern_post": dict(unet_skips=True, n_layer=4, norm="rmsnorm", norm_position="post", qk_norm=True),
+    "value_embeddings": dict(value_embeddings=1, n_layer=3),  # layers 0 and 2 share the table, layer 1 has none
+    "value_residual": dict(value_residual=True, n_layer=3),
+    # both, with two tables over four layers, post-LN, QK-norm, grouped-query attention and U-Net skips
+    "value_mix_gqa_post": dict(
+        value_embeddings=2,
+        value_residual=True,
+        n_layer=4,
+        n_head=4,
+        n_kv_head=2,
+        norm_position="post",
+        qk_norm=True,
+        unet_skips=True,
+    ),
 }
 MODERN_OVERRIDES = [
     "model.norm=rmsnorm",
@@ -70,7 +84,8 @@ def reference_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
     activations, attention as softmax(q k^T / sqrt(D) + mask) v."""
     config = model.config
     B, T = idx.shape
-    H, D = config.n_head, config.head_dim
+    H, H_kv, D, L, K = config.n_head, config.kv_heads, config.head_dim, config.n_layer, config.value_embeddings
+    first_values = []  # the first layer's values, for a value residual
 
     def norm(module, x):
         if isinstance(module, RMSNorm):
@@ -78,7 +93,19 @@ def reference_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), module.weight, module.bias, module.eps)
 
     def attention(attn, x):
-        q, k, v = attn.qkv(x).view(B, T, 3, H, D).unbind(2)
+        q, k, v = attn.qkv(x).split([H * D, H_kv * D, H_kv * D], -1)
+        i = attn.layer  # value embeddings: table i for layer i < K and for layer L - K + i; the value residual
+        table = i if i < K else i - (L - K) if i >= L - K else None
+        sources = [model.value_embeddings[table](idx)] if table is not None else []
+        sources += first_values if config.value_residual and i > 0 else []
+        if sources:
+            v = attn.value_lambdas[0] * v + sum(
+                weight * e for weight, e in zip(attn.value_lambdas[1:], sources, strict=True)
+            )
+        if config.value_residual and i == 0:
+            first_values.append(v)
+        q = q.view(B, T, H, D)
+        k, v = (t.view(B, T, H_kv, D).repeat_interleave(H // H_kv, dim=2) for t in (k, v))
         if attn.q_norm is not None:
             q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
         if model.rope is not None:  # x cos + rotate_half(x) sin, from the fp32 tables; xPos also scales q by
@@ -207,7 +234,7 @@ def test_each_option_matches_the_plain_pytorch_reference_in_values_and_gradients
 
 
 @pytest.mark.parametrize("pe", ["rope", "learned", "alibi"])
-@pytest.mark.parametrize("option", ["qk_norm", "modern", "post_swiglu_rms"])
+@pytest.mark.parametrize("option", ["qk_norm", "modern", "post_swiglu_rms", "value_mix_gqa_post"])
 def test_fp32_flash_path_and_generic_path_agree_with_the_reference(option, pe, monkeypatch):
     """fp32 without dropout takes PyTorch's flash kernel after RotaryHeads; past the CPU kernels' limits (here forced
     for every length) the generic path, as on CUDA."""
@@ -285,6 +312,21 @@ def test_options_change_the_parameters_as_documented():
         unet = Transformer(TransformerConfig(**{**sizes, "n_layer": 5}, unet_skips=True, init=init))
         assert torch.equal(unet.skip_weights, torch.ones(2)), init  # the middle block of five has no pair
     assert unet.num_parameters() == Transformer(TransformerConfig(**{**sizes, "n_layer": 5})).num_parameters() + 2
+    # value embeddings: a vocabulary x (key/value width) table each; a mixing weight per source and layer, plus the
+    # layer's own values' weight, starting at an even mean under every init
+    four = {**sizes, "n_layer": 4, "n_kv_head": 2}
+    plain = Transformer(TransformerConfig(**four)).num_parameters()
+    for init in ("gpt2", "pytorch", "xavier", "zero_proj"):
+        mixed = Transformer(TransformerConfig(**four, value_embeddings=1, value_residual=True, init=init))
+        lambdas = [b.attn.value_lambdas for b in mixed.blocks]
+        # layer 0: the table; 1 and 2: the first layer's values; 3: the table and the first layer's values
+        assert [len(lam) for lam in lambdas] == [2, 2, 2, 3], init
+        assert all(torch.allclose(lam, torch.full_like(lam, 1 / len(lam))) for lam in lambdas), init
+    assert mixed.value_embeddings[0].weight.shape == (65, 2 * 32)
+    assert mixed.num_parameters() == plain + 65 * 64 + 2 + 2 + 2 + 3
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in parameter_groups(mixed)}
+    assert id(mixed.value_embeddings[0].weight) in groups["embeddings"]  # AdamW's, with the embedding's lr
+    assert all(id(lam) in groups["vectors"] for lam in lambdas)
 
 
 def test_unet_skips_feed_each_first_half_output_to_its_mirrored_block():
@@ -317,6 +359,12 @@ def test_soft_capped_logits_stay_below_the_cap():
         (dict(logit_softcap=0), "model.logit_softcap=0 must be a positive number, or null"),
         (dict(logit_softcap=-3.0), "model.logit_softcap=-3.0 must be a positive number"),
         (dict(unet_skips="on"), "model.unet_skips='on' must be true or false"),
+        (dict(value_residual=1), "model.value_residual=1 must be true or false"),
+        (
+            dict(value_embeddings=2, n_layer=3),
+            "model.value_embeddings=2 must be a whole number from 0 to n_layer // 2 = 1",
+        ),
+        (dict(value_embeddings=-1), "model.value_embeddings=-1 must be a whole number"),
     ],
 )
 def test_bad_option_values_are_refused_with_the_fix(kw, match):
@@ -329,7 +377,9 @@ def test_bad_option_values_are_refused_with_the_fix(kw, match):
 
 
 @pytest.mark.parametrize("pe", POSITIONAL_ENCODINGS)
-@pytest.mark.parametrize("option", ["post", "swiglu", "relu2", "modern", "post_swiglu_rms", "unet"])
+@pytest.mark.parametrize(
+    "option", ["post", "swiglu", "relu2", "modern", "post_swiglu_rms", "unet", "value_embeddings", "value_mix_gqa_post"]
+)
 def test_decoding_with_the_cache_matches_the_full_forward(option, pe):
     model = model_with(OPTIONS[option], pe, dtype=torch.float32).eval()
     idx = torch.randint(0, len(VOCAB), (3, 24))

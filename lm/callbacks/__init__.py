@@ -6,9 +6,11 @@
 - speed: `LMThroughputMonitor` (tokens/s, MFU), `CompileTime`
 - progress: `ResumableProgressBar`
 - text_sample: `TextSample`
+- ema: `EMAWeights` (an average of the weights, which validation, checkpoints and the final model use)
 """
 
 from lm.callbacks.checkpoints import InterruptedTraining, LatestCheckpoint, SaveOnInterrupt
+from lm.callbacks.ema import EMAWeights
 from lm.callbacks.progress import ResumableProgressBar
 from lm.callbacks.speed import CompileTime, LMThroughputMonitor
 from lm.callbacks.text_sample import TextSample
@@ -16,6 +18,7 @@ from lm.callbacks.validation import ValidateAtEnd, ValidationCost, ValidationLog
 
 __all__ = [
     "CompileTime",
+    "EMAWeights",
     "InterruptedTraining",
     "LMThroughputMonitor",
     "LatestCheckpoint",

@@ -77,6 +77,10 @@ def describe_block(c: TransformerConfig) -> str:
         parts.append(f"logits soft-capped at {c.logit_softcap:g}")
     if c.unet_skips:
         parts.append("U-Net skips")
+    if c.value_embeddings:
+        parts.append(f"{c.value_embeddings} value embedding table" + "s" * (c.value_embeddings > 1))
+    if c.value_residual:
+        parts.append("value residual")
     if c.bias:
         parts.append("biases")
     return ", ".join(parts)

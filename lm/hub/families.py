@@ -41,11 +41,14 @@ class Family:
 
 
 def plain_block(c: TransformerConfig) -> bool:
-    """What every family needs: pre-LN, no soft-cap, no U-Net skips, full attention, and RoPE (if any) as trained."""
+    """What every family needs: pre-LN, no soft-cap, no U-Net skips or value mixing, full attention, and RoPE (if
+    any) as trained."""
     return (
         c.norm_position == "pre"
         and c.logit_softcap is None
         and not c.unet_skips
+        and not c.value_embeddings
+        and not c.value_residual
         and c.attention_window is None
         and (c.pos_encoding.name != "rope" or c.pos_encoding.scaling is None)
     )
