@@ -74,7 +74,7 @@ class EMAWeights(L.Callback):
         if self.average is None or trainer.global_step <= self._updated_step:
             return  # off, or no optimizer step in this batch (gradient accumulation)
         weight = 1.0 - ema_decay(self.decay, self.updates)
-        params = [p.detach().float() for p in self.parameters(pl_module)]  # float32 already: no copy
+        params = [p.detach().float() for p in self._params]  # float32 already: no copy
         torch._foreach_lerp_(self.average, params, weight)
         self.updates += 1
         self._updated_step = trainer.global_step
