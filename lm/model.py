@@ -202,7 +202,7 @@ class TransformerConfig:
 
     def value_table(self, layer: int) -> int | None:
         """The value embedding table that `layer` mixes in: table i for layer i and for layer n_layer - K + i (as
-        modded-nanogpt shares its three between the first and the last three layers), else None."""
+        modded-nanogpt shares its tables between the first and the last layers), else None."""
         K = self.value_embeddings
         if layer < K:
             return layer
@@ -597,7 +597,7 @@ class Transformer(nn.Module):
         if self.skip_weights is not None:  # each U-Net skip starts as a plain addition, under every init
             nn.init.ones_(self.skip_weights)
         mixing = [b.attn.value_lambdas for b in self.blocks if b.attn.value_lambdas is not None]
-        for lambdas in mixing:  # a layer's values start as the even mean of what it mixes (modded-nanogpt's 0.5, 0.5)
+        for lambdas in mixing:  # a layer's values start as the even mean of what it mixes, as modded-nanogpt's
             nn.init.constant_(lambdas, 1.0 / len(lambdas))
         if self.config.init == "pytorch":
             for module in self.modules():
