@@ -32,11 +32,75 @@ from lm.tokenizer import CharTokenizer
 # Batches
 
 
+class BatchShapeSchedule:
+    """The shape (windows, length) of training step `step`'s batch: small batches and short windows first, growing
+    to (`batch_size`, `seq_length`) over their warmup steps; off (None starts), every step is the full shape.
+
+    - Batch-size warmup: `batch_size_start` windows at step 0, growing linearly to `batch_size` at
+      `batch_size_warmup_steps` (fewer characters per step early, when the gradient's direction needs few).
+    - Sequence-length warmup (short sequences first): windows of `seq_length_start` characters, doubling at equal
+      shares of `seq_length_warmup_steps` up to `seq_length`. A step of windows 1/k as long takes k times as many,
+      so every step trains on the same characters, but attention, which grows with the window, costs less.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        seq_length: int,
+        batch_size_start: int | None = None,
+        batch_size_warmup_steps: int = 0,
+        seq_length_start: int | None = None,
+        seq_length_warmup_steps: int = 0,
+    ):
+        for key, value in (
+            ("batch_size_warmup_steps", batch_size_warmup_steps),
+            ("seq_length_warmup_steps", seq_length_warmup_steps),
+        ):
+            if not is_count(value, minimum=0):
+                raise ConfigError(f"data.{key}={value} must be a whole number of steps, 0 or more.")
+        if batch_size_start is not None and not (is_count(batch_size_start) and batch_size_start <= batch_size):
+            raise ConfigError(
+                f"data.batch_size_start={batch_size_start} must be a whole number of windows from 1 to "
+                f"data.batch_size={batch_size}, or null (no batch-size warmup)."
+            )
+        if seq_length_start is not None and not (
+            is_count(seq_length_start)
+            and seq_length % seq_length_start == 0
+            and (seq_length // seq_length_start).bit_count() == 1
+        ):
+            raise ConfigError(
+                f"data.seq_length_start={seq_length_start} must be data.seq_length={seq_length} halved some number "
+                f"of times (e.g. {max(1, seq_length // 4)}), since the windows double up to it; or null."
+            )
+        self.batch_size, self.seq_length = batch_size, seq_length
+        self.batch_size_start, self.batch_size_warmup_steps = batch_size_start, batch_size_warmup_steps
+        self.seq_length_start, self.seq_length_warmup_steps = seq_length_start, seq_length_warmup_steps
+
+    def batch_size_at(self, step: int) -> int:
+        start, steps = self.batch_size_start, self.batch_size_warmup_steps
+        if start is None or step >= steps:
+            return self.batch_size
+        return start + (self.batch_size - start) * step // steps
+
+    def seq_length_at(self, step: int) -> int:
+        start, steps = self.seq_length_start, self.seq_length_warmup_steps
+        if start is None or step >= steps:
+            return self.seq_length
+        stages = (self.seq_length // start).bit_length()  # start, 2 x start, ..., seq_length
+        return start << (step * stages // steps)
+
+    def shape(self, step: int) -> tuple[int, int]:
+        """(windows, characters per window) of step `step` (0-based optimizer steps)."""
+        length = self.seq_length_at(step)
+        return self.batch_size_at(step) * (self.seq_length // length), length
+
+
 class RandomWindowBatches(IterableDataset):
     """Training batches of random windows, each a whole (x, y) pair of int64 tensors of shape (B, T).
 
     Batch number i is a pure function of (seed, rank, i), so a run resumed at step s draws exactly the
-    batches an uninterrupted run would have drawn; `start_index` tells where the run stands.
+    batches an uninterrupted run would have drawn; `start_index` tells where the run stands. With a `schedule`,
+    batch i has the shape of optimizer step i // `accumulate` (`BatchShapeSchedule`).
     """
 
     def __init__(
@@ -48,18 +112,23 @@ class RandomWindowBatches(IterableDataset):
         seed: int,
         rank: int = 0,
         start_index: Callable[[], int] = lambda: 0,
+        schedule: BatchShapeSchedule | None = None,
+        accumulate: int = 1,
     ):
         self.ids, self.batch_size, self.seq_length = ids, batch_size, seq_length
         self.num_batches, self.seed, self.rank, self.start_index = num_batches, seed, rank, start_index
-        self._window = np.arange(seq_length + 1)
+        self.schedule, self.accumulate = schedule, accumulate
 
     def __len__(self) -> int:
         return self.num_batches
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, length = (self.batch_size, self.seq_length)
+        if self.schedule is not None:
+            rows, length = self.schedule.shape(index // self.accumulate)
         rng = np.random.default_rng((self.seed, self.rank, index))
-        offsets = rng.integers(0, len(self.ids) - self.seq_length, size=self.batch_size)
-        block = torch.from_numpy(self.ids[offsets[:, None] + self._window].astype(np.int64))
+        offsets = rng.integers(0, len(self.ids) - length, size=rows)
+        block = torch.from_numpy(self.ids[offsets[:, None] + np.arange(length + 1)].astype(np.int64))
         return block[:, :-1], block[:, 1:]
 
     def __iter__(self):
@@ -148,6 +217,8 @@ class CharDataModule(L.LightningDataModule):
         split_sizes: [train, val, test] characters from the corpus's start; None splits by `val_fraction`.
         train_fraction: train on this leading share of the training split, in (0, 1] (the data study's knob).
         newlines: 'normalize' reads Windows line ends (\r\n) as \n; 'keep' keeps \r as a character.
+        batch_size_start, batch_size_warmup_steps, seq_length_start, seq_length_warmup_steps: small batches and
+            short windows first (`BatchShapeSchedule`); None starts: every training batch has the full shape.
     """
 
     def __init__(
@@ -168,6 +239,10 @@ class CharDataModule(L.LightningDataModule):
         split_sizes: list[int] | None = None,
         train_fraction: float = 1.0,
         newlines: str = "normalize",
+        batch_size_start: int | None = None,
+        batch_size_warmup_steps: int = 0,
+        seq_length_start: int | None = None,
+        seq_length_warmup_steps: int = 0,
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -194,6 +269,9 @@ class CharDataModule(L.LightningDataModule):
         self.name, self.archive_member, self.size, self.encoding = name, archive_member, size, encoding
         self.split_sizes, self.train_fraction, self.newlines = split_sizes, train_fraction, newlines
         self.corpus: EncodedCorpus | None = None
+        self.schedule = BatchShapeSchedule(
+            batch_size, seq_length, batch_size_start, batch_size_warmup_steps, seq_length_start, seq_length_warmup_steps
+        )
 
     @property
     def corpus_path(self) -> Path:
@@ -270,7 +348,15 @@ class CharDataModule(L.LightningDataModule):
             return trainer.global_step * trainer.accumulate_grad_batches
 
         dataset = RandomWindowBatches(
-            train, self.batch_size, self.seq_length, num_batches, self.seed, rank, start_index
+            train,
+            self.batch_size,
+            self.seq_length,
+            num_batches,
+            self.seed,
+            rank,
+            start_index,
+            self.schedule,
+            trainer.accumulate_grad_batches if trainer is not None else 1,
         )
         return DataLoader(dataset, batch_size=None, generator=torch.Generator())
 

@@ -1,5 +1,6 @@
 import http.server
 import json
+import math
 import os
 import threading
 from pathlib import Path
@@ -396,3 +397,103 @@ def test_train_fraction_trains_on_the_head_of_the_training_split_and_keeps_valid
 def test_bad_split_settings_are_rejected(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         CharDataModule(**kwargs)
+
+
+def test_the_batch_shape_schedule_grows_windows_and_batches_to_the_full_shape():
+    from lm.data import BatchShapeSchedule
+
+    off = BatchShapeSchedule(8, 64)
+    assert {off.shape(step) for step in range(0, 1000, 7)} == {(8, 64)}
+    # short sequences first: 16, 32, 64 at equal thirds of 9 steps, the same 8 x 64 characters every step
+    seq = BatchShapeSchedule(8, 64, seq_length_start=16, seq_length_warmup_steps=9)
+    assert [seq.shape(step) for step in range(11)] == [(32, 16)] * 3 + [(16, 32)] * 3 + [(8, 64)] * 5
+    # batch-size warmup: 2 windows growing linearly to 8 at step 6
+    batch = BatchShapeSchedule(8, 64, batch_size_start=2, batch_size_warmup_steps=6)
+    assert [batch.batch_size_at(step) for step in range(8)] == [2, 3, 4, 5, 6, 7, 8, 8]
+    both = BatchShapeSchedule(
+        8, 64, batch_size_start=2, batch_size_warmup_steps=6, seq_length_start=32, seq_length_warmup_steps=4
+    )
+    assert [both.shape(step) for step in (0, 2, 5, 6)] == [(4, 32), (4, 64), (7, 64), (8, 64)]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            {"seq_length_start": 48, "seq_length_warmup_steps": 10},
+            r"seq_length_start=48 must be data.seq_length=64 halved",
+        ),
+        ({"seq_length_start": 128}, r"data.seq_length_start=128 must be"),
+        ({"seq_length_start": 0}, r"data.seq_length_start=0 must be"),
+        ({"batch_size_start": 9}, r"batch_size_start=9 must be a whole number of windows from 1 to data.batch_size=8"),
+        ({"batch_size_start": 2, "batch_size_warmup_steps": -1}, r"data.batch_size_warmup_steps=-1 must be a whole"),
+        ({"seq_length_warmup_steps": 1.5}, r"data.seq_length_warmup_steps=1.5 must be a whole"),
+    ],
+)
+def test_bad_batch_shape_schedules_are_rejected(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        CharDataModule(seq_length=64, batch_size=8, **kwargs)
+
+
+def test_scheduled_batches_are_real_windows_of_each_steps_shape_and_unchanged_when_off(corpus):
+    from lm.data import BatchShapeSchedule
+
+    train = CharDataModule(path=str(corpus), seq_length=32, batch_size=4).split("train")
+    plain = RandomWindowBatches(train, 4, 32, num_batches=6, seed=5)
+    off = RandomWindowBatches(train, 4, 32, num_batches=6, seed=5, schedule=BatchShapeSchedule(4, 32))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, off, strict=True))
+
+    schedule = BatchShapeSchedule(
+        4, 32, batch_size_start=1, batch_size_warmup_steps=3, seq_length_start=8, seq_length_warmup_steps=3
+    )
+    # two batches per optimizer step (gradient accumulation): both micro-batches have that step's shape
+    batches = RandomWindowBatches(train, 4, 32, num_batches=8, seed=5, schedule=schedule, accumulate=2)
+    shapes = [tuple(x.shape) for x, _ in batches]
+    assert shapes == [(4, 8), (4, 8), (4, 16), (4, 16), (3, 32), (3, 32), (4, 32), (4, 32)]
+    ids = torch.from_numpy(np.asarray(train).astype(np.int64))
+    x, y = batches.batch(0)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row, target in zip(x, y, strict=True):  # each row and its targets: one window of 9 characters
+        assert any(torch.equal(ids[s : s + 9], torch.cat([row, target[-1:]])) for s in range(len(ids) - 8))
+
+
+def test_a_run_with_short_sequences_and_small_batches_first_trains_each_shape_and_resumes_exactly(
+    tmp_path, corpus, cli
+):
+    import lightning as L
+    from helpers import FAST, last_checkpoint, only_run
+
+    from lm.config import compose_config
+    from lm.train import train
+
+    class RecordShapes(L.Callback):
+        def __init__(self):
+            self.shapes = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.shapes.append(tuple(batch[0].shape))
+
+    common = [
+        f"data.path={corpus}",
+        *FAST,
+        "data.batch_size_start=2",
+        "data.batch_size_warmup_steps=6",
+        "data.seq_length_start=8",
+        "data.seq_length_warmup_steps=6",
+        "lr_schedule.warmup_steps=2",
+        "lr_schedule.total_steps=10",
+    ]
+    recorder, straight = RecordShapes(), tmp_path / "straight"
+    overrides = [*common, "trainer.max_steps=10", f"paths.output_dir={straight}", f"paths.run_dir={straight / 'run'}"]
+    metrics = train(compose_config(overrides), callbacks=[recorder])
+    # batch 2..8 over 6 steps; windows of 8, 16, 32 characters at thirds of 6 steps (FAST: batch 8, context 32)
+    assert recorder.shapes == [(8, 8), (12, 8), (8, 16), (10, 16), (6, 32), (7, 32)] + [(8, 32)] * 4
+    assert math.isfinite(metrics["val/loss"])
+
+    split = tmp_path / "split"
+    cli.train([*common, "trainer.max_steps=5"], split)
+    cli.train([*common, "trainer.max_steps=10", f"resume={only_run(split / 'outputs')}"], split)
+    a, b = last_checkpoint(straight / "run"), last_checkpoint(only_run(split / "outputs"))
+    assert a["global_step"] == b["global_step"] == 10
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(value, b["state_dict"][key], atol=1e-6, rtol=0, msg=key)

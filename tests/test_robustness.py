@@ -333,6 +333,11 @@ def test_ddp_two_cpu_processes_last_through_many_validations_and_reduce_them_exa
             "callbacks.text_sample.max_new_tokens=100",
             # with an average of the weights: the reduced val/loss below must then be the saved average's
             "callbacks.ema_weights.decay=0.9",
+            # and short sequences and small batches first: every rank takes the step's shape
+            "data.seq_length_start=8",
+            "data.seq_length_warmup_steps=10",
+            "data.batch_size_start=2",
+            "data.batch_size_warmup_steps=10",
         ],
         tmp_path,
         python_warnings=None,
