@@ -182,8 +182,8 @@ def machine_recipes() -> dict[str, dict[str, str]]:
 
 def recipe_kind(device_type: str, precision: str | None) -> str:
     """Which recipe a run on `device_type` at `precision` (as typed; None or "auto" for the machine's choice) takes:
-    "cpu_fp32" for a CPU that trains in fp32 (no native bf16, or trainer.precision=32-true), which makes a fraction
-    of the steps a bf16 CPU makes in the same five minutes; else the device type."""
+    "cpu_fp32" for a CPU that trains in fp32 (no native bf16, bf16 no faster than fp32, or trainer.precision=32-true),
+    which makes a fraction of the steps a bf16 CPU makes in the same five minutes; else the device type."""
     try:
         if device_type == "cpu" and resolve_precision(precision, "cpu")[0].startswith("32"):
             return "cpu_fp32"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import time
@@ -13,19 +14,48 @@ import torch
 from lm.errors import ConfigError
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 instructions (AVX-512 BF16 or AMX), where bf16 matmuls beat fp32.
-
-    LM_CPU_BF16=0 in the environment answers False on any CPU, so a bf16 machine can run what an fp32-only one
-    runs (the recipes, the precision 'auto' picks, the test suite).
-    """
-    if os.environ.get("LM_CPU_BF16") == "0":
-        return False
+def cpu_has_bf16_instructions() -> bool:
+    """True when the CPU has native bf16 instructions (AVX-512 BF16 or AMX); without them PyTorch emulates bf16."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+@functools.cache
+def bf16_matmul_speedup(size: int = 512, reps: int = 4, rounds: int = 3) -> float:
+    """How many times faster a bf16 matrix product of `size` runs than an fp32 one on this CPU (best of `rounds`
+    alternating rounds of `reps` products each; measured once per process, in tens of milliseconds)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    for _ in range(rounds):
+        for dtype in best:
+            x, y = a.to(dtype), b.to(dtype)
+            x @ y  # warm-up: the first product of a shape packs weights and picks a kernel
+            start = time.perf_counter()
+            for _ in range(reps):
+                x @ y
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+BF16_MIN_SPEEDUP = 1.25  # a clear margin: bf16 autocast adds casts around every product
+
+
+def cpu_supports_bf16() -> bool:
+    """True when bf16 pays on this CPU: it has native bf16 instructions and its bf16 matrix products run clearly
+    faster than fp32 (`bf16_matmul_speedup`). AMX runs them several times faster; a CPU with AVX-512 BF16 alone may
+    not: an Intel Xeon whose hypervisor hid AMX ran them at half fp32's speed.
+
+    LM_CPU_BF16=0 in the environment answers False on any CPU, so a bf16 machine can run what an fp32-only one
+    runs (the recipes, the precision 'auto' picks, the test suite); LM_CPU_BF16=1 answers True wherever the
+    instructions exist, without measuring.
+    """
+    setting = os.environ.get("LM_CPU_BF16")
+    if setting == "0" or not cpu_has_bf16_instructions():
+        return False
+    return setting == "1" or bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
 def bf16_supported(device_type: str) -> bool:
@@ -40,9 +70,9 @@ def bf16_supported(device_type: str) -> bool:
 def resolve_precision(requested: str | None, device_type: str) -> tuple[str, str]:
     """The Lightning precision to use, and a line saying why.
 
-    `None` or 'auto' picks bf16 mixed precision (weights, loss and optimizer state stay fp32) where the
-    hardware has native bf16, else full fp32. An explicit value is used as given, except float16 mixed precision
-    on a CPU: Lightning would quietly run bf16-mixed instead, emulated (far slower than fp32) on most CPUs.
+    `None` or 'auto' picks bf16 mixed precision (weights, loss and optimizer state stay fp32) where bf16 pays
+    on the hardware (`bf16_supported`), else full fp32. An explicit value is used as given, except float16 mixed
+    precision on a CPU: Lightning would quietly run bf16-mixed instead, emulated (far slower than fp32) on most CPUs.
     """
     if str(requested) in ("16", "16-mixed") and device_type == "cpu":
         raise ConfigError(
@@ -53,18 +83,28 @@ def resolve_precision(requested: str | None, device_type: str) -> tuple[str, str
         return str(requested), f"precision {requested} (as requested)"
     if bf16_supported(device_type):
         return "bf16-mixed", f"precision bf16-mixed (native bf16 found on {device_type})"
+    if device_type == "cpu" and cpu_has_bf16_instructions() and os.environ.get("LM_CPU_BF16") != "0":
+        return "32-true", (
+            f"precision 32-true: this CPU's bf16 matrix products measured {bf16_matmul_speedup():.2f}x fp32's speed, "
+            "so fp32 trains faster here"
+        )
     return "32-true", f"precision 32-true: no native bf16 on this {device_type}, so bf16 would be slow or unsupported"
 
 
 def emulated_bf16_warning(precision: str, device_type: str) -> str | None:
-    """A warning when bf16 is asked for on a CPU that only emulates it (bf16 matrix products run far slower than
-    fp32 there), else None."""
-    if "bf16" in str(precision) and device_type == "cpu" and not cpu_supports_bf16():
+    """A warning when bf16 is asked for on a CPU where it does not pay: one that only emulates it (bf16 matrix
+    products run far slower than fp32 there), or one whose bf16 products measured slower than fp32; else None."""
+    if "bf16" not in str(precision) or device_type != "cpu" or cpu_supports_bf16():
+        return None
+    if not cpu_has_bf16_instructions():
         return (
             f"precision {precision} on a CPU without native bf16 (no AVX-512 BF16 or AMX) is emulated and very slow "
             "(matrix products ~100x slower than fp32); trainer.precision=auto picks 32-true here."
         )
-    return None
+    return (
+        f"precision {precision}: this CPU's bf16 matrix products run at {bf16_matmul_speedup():.2f}x fp32's speed "
+        "(AVX-512 BF16 without AMX), so bf16 trains slower here; trainer.precision=auto picks 32-true."
+    )
 
 
 def training_device_type(accelerator: str) -> str:

@@ -187,8 +187,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     With `adjust_lr_fn="match_rms_adamw"` (Moonshot, "Muon is Scalable for LLM Training") Muon's update is scaled
     to the RMS of a typical AdamW update, so both halves share one `lr` and `weight_decay`, as tuned for AdamW.
-    `newton_schulz_dtype`: "bfloat16" (torch's own), "float32", or "auto": float32 for parameters on a CPU without
-    native bf16 (which emulates bf16 far slower than fp32: it made a Muon step several times an AdamW one there),
+    `newton_schulz_dtype`: "bfloat16" (torch's own), "float32", or "auto": float32 for parameters on a CPU where
+    bf16 does not pay (`cpu_supports_bf16`; one that emulates bf16 made a Muon step several times an AdamW one),
     else bf16. The iteration runs batched over same-shaped matrices (`BatchedMuon`). `embedding_lr`: a learning
     rate of its own for the `embeddings` group (the token embedding, a tied head, learned positions), as
     modded-nanogpt gives its embeddings; null: `lr`. The schedule scales every group's lr alike.

@@ -45,7 +45,7 @@ from _benchmark_training import (
 )
 
 from lm.config import PROJECT_ROOT
-from lm.hardware import bf16_supported, measure_matmul_peak
+from lm.hardware import bf16_supported, cpu_has_bf16_instructions, measure_matmul_peak
 
 # ours on CUDA only (model.compile=auto), nanoGPT on a GPU (its compile=True; its CPU recipe turns it off).
 DEFAULTS = {
@@ -69,7 +69,7 @@ def parse_args(device: str) -> argparse.Namespace:
         "--precisions",
         default="auto",
         help="Lightning precisions to train in; auto: on a GPU bf16-mixed (what runs use there); on a CPU bf16-mixed "
-        "and 32-true where it has native bf16, else 32-true only (emulated bf16 is far slower than fp32 there)",
+        "and 32-true where it has native bf16 instructions, else 32-true only (emulated bf16 is far slower than fp32)",
     )
     parser.add_argument(
         "--compile", choices=("auto", "true", "false"), default="auto", help="auto: compiled on CUDA only"
@@ -135,7 +135,8 @@ def machine(device: str) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "native_bf16": bf16_supported(device),
+        "native_bf16": bf16_supported(device) if device == "cuda" else cpu_has_bf16_instructions(),
+        "bf16_pays": bf16_supported(device),  # what trainer.precision=auto picks bf16 on
     }
 
 
@@ -146,7 +147,7 @@ def training_precisions(setting: str, device: str) -> list[str]:
         return precisions
     if device == "cuda":
         return ["bf16-mixed"] if bf16_supported(device) else ["32-true"]
-    if bf16_supported(device):
+    if cpu_has_bf16_instructions():  # both, also where bf16 measured slower: that is worth seeing
         return ["bf16-mixed", "32-true"]
     print("No native bf16 here: bf16 is left out (--precisions bf16-mixed,32-true to measure it anyway).\n")
     return ["32-true"]

@@ -398,6 +398,7 @@ def test_bf16_on_a_cpu_that_only_emulates_it_gets_a_warning(monkeypatch):
     from lm import hardware
 
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_bf16_instructions", lambda: False)
     assert "very slow" in hardware.emulated_bf16_warning("bf16-mixed", "cpu")
     assert hardware.emulated_bf16_warning("32-true", "cpu") is None
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
@@ -489,3 +490,46 @@ def test_every_output_counts_steps_as_the_optimizer_steps_taken(tmp_path, corpus
     logged = [dict(zip(header, row.split(","), strict=True)) for row in rows[1:]]
     assert [int(r["step"]) for r in logged if r["val/loss"]] == [10, 20]
     assert [int(r["step"]) for r in logged if r["train/loss"]] == [10, 20]
+
+
+@pytest.mark.parametrize(
+    "instructions,speedup,setting,pays",
+    [
+        (True, 4.0, None, True),  # AMX: bf16 products several times fp32's
+        (True, 0.5, None, False),  # AVX-512 BF16 alone, slower than fp32 (an Intel Xeon with AMX hidden)
+        (True, 1.1, None, False),  # within the casts' cost: fp32
+        (True, 0.5, "1", True),  # LM_CPU_BF16=1 takes the instructions' word, unmeasured
+        (True, 4.0, "0", False),
+        (False, 4.0, "1", False),  # without the instructions bf16 is emulated
+    ],
+)
+def test_auto_precision_takes_bf16_on_a_cpu_only_where_its_products_run_clearly_faster(
+    monkeypatch, instructions, speedup, setting, pays
+):
+    from lm import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_bf16_instructions", lambda: instructions)
+    monkeypatch.setattr(hardware, "bf16_matmul_speedup", lambda: speedup)
+    if setting is None:
+        monkeypatch.delenv("LM_CPU_BF16", raising=False)
+    else:
+        monkeypatch.setenv("LM_CPU_BF16", setting)
+    assert hardware.cpu_supports_bf16() is pays
+    precision, why = hardware.resolve_precision("auto", "cpu")
+    assert precision == ("bf16-mixed" if pays else "32-true")
+    warning = hardware.emulated_bf16_warning("bf16-mixed", "cpu")
+    if pays:
+        assert warning is None
+    elif instructions and setting != "0":
+        assert f"measured {speedup:.2f}x fp32's speed" in why and f"run at {speedup:.2f}x fp32's speed" in warning
+    elif not instructions:
+        assert "no native bf16" in why and "emulated and very slow" in warning
+
+
+def test_the_bf16_speedup_is_measured_once_per_process():
+    from lm import hardware
+
+    hardware.bf16_matmul_speedup.cache_clear()
+    speedup = hardware.bf16_matmul_speedup(size=64, reps=1, rounds=1)
+    assert speedup > 0 and hardware.bf16_matmul_speedup(size=64, reps=1, rounds=1) is speedup
+    hardware.bf16_matmul_speedup.cache_clear()
