@@ -45,8 +45,8 @@ BF16_MIN_SPEEDUP = 1.25  # a clear margin: bf16 autocast adds casts around every
 
 def cpu_supports_bf16() -> bool:
     """True when bf16 pays on this CPU: it has native bf16 instructions and its bf16 matrix products run clearly
-    faster than fp32 (`bf16_matmul_speedup`). AMX runs them several times faster; a CPU with AVX-512 BF16 alone may
-    not: an Intel Xeon whose hypervisor hid AMX ran them at half fp32's speed.
+    faster than fp32 (`bf16_matmul_speedup`). AMX runs them several times faster; AVX-512 BF16 alone need not (where a
+    hypervisor hides AMX they can run slower than fp32: docs/speed.md).
 
     LM_CPU_BF16=0 in the environment answers False on any CPU, so a bf16 machine can run what an fp32-only one
     runs (the recipes, the precision 'auto' picks, the test suite); LM_CPU_BF16=1 answers True wherever the
