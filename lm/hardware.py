@@ -27,7 +27,8 @@ def cpu_has_bf16_instructions() -> bool:
 def bf16_matmul_speedup(size: int = 512, reps: int = 4, rounds: int = 3) -> float:
     """How many times faster a bf16 matrix product of `size` runs than an fp32 one on this CPU (best of `rounds`
     alternating rounds of `reps` products each; measured once per process, in tens of milliseconds)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    generator = torch.Generator().manual_seed(0)  # not the global stream: a seeded run must draw the same weights
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
     best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
     for _ in range(rounds):
         for dtype in best:

@@ -530,6 +530,8 @@ def test_the_bf16_speedup_is_measured_once_per_process():
     from lm import hardware
 
     hardware.bf16_matmul_speedup.cache_clear()
+    torch.manual_seed(0)
     speedup = hardware.bf16_matmul_speedup(size=64, reps=1, rounds=1)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())  # the global stream untouched
     assert speedup > 0 and hardware.bf16_matmul_speedup(size=64, reps=1, rounds=1) is speedup
     hardware.bf16_matmul_speedup.cache_clear()
