@@ -62,10 +62,35 @@ def newton_schulz(
     else:
         x = x / norm.clamp(min=eps)  # each matrix's spectral norm at most 1
         coefficients = [ns_coefficients] * ns_steps
-    for a, b, c in coefficients:
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if x.dtype == torch.float32 and x.size(-1) >= GRAM_ITERATION_MIN_ASPECT * x.size(-2):
+        x = gram_newton_schulz(x, coefficients)
+    else:
+        for a, b, c in coefficients:
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
+
+
+# Where the Gram form pays: with r rows and c = t * r columns, five plain steps cost (20t + 10) r^3 multiply-adds
+# and the Gram form 4t r^3 + 34 r^3, equal at t = 1.5; it is taken from 2, where it saves a fifth.
+GRAM_ITERATION_MIN_ASPECT = 2
+
+
+def gram_newton_schulz(x: torch.Tensor, coefficients) -> torch.Tensor:
+    """The quintic iteration X <- (aI + bA + cA^2) X, A = XX^T, for wide (N, r, c) matrices (r < c), carried out on
+    r x r matrices only. Each step multiplies X by a polynomial P of A, so after k steps X_k = Q_k X_0, and since
+    every P and Q is a polynomial of A_0 they commute: Q <- P Q and A <- P^2 A, with one r x c product at each
+    end instead of three per step. The same result as the plain iteration up to rounding, which is why it is only
+    taken in fp32 (in bf16 the products' errors compound through A)."""
+    gram = x @ x.mT
+    transform = None
+    for step, (a, b, c) in enumerate(coefficients):
+        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        polynomial.diagonal(dim1=-2, dim2=-1).add_(a)
+        transform = polynomial if transform is None else polynomial @ transform
+        if step < len(coefficients) - 1:
+            gram = polynomial @ (polynomial @ gram)
+    return x if transform is None else transform @ x
 
 
 def normuon_scale(orthogonal: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:

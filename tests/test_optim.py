@@ -104,6 +104,28 @@ def test_batched_newton_schulz_matches_torchs_per_matrix_iteration():
         assert torch.allclose(in_fp32, alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("polar_express", [False, True])
+@pytest.mark.parametrize("ns_steps", [1, 5])
+def test_gram_iteration_gives_the_plain_iteration_for_wide_and_tall_stacks(monkeypatch, polar_express, ns_steps):
+    from lm import optim
+
+    calls, gram = [], optim.gram_newton_schulz
+    monkeypatch.setattr(optim, "gram_newton_schulz", lambda x, c: calls.append(x.shape) or gram(x, c))
+    coefficients = (3.4445, -4.775, 2.0315)
+    for shape in [(3, 16, 48), (3, 48, 16), (2, 16, 32)]:
+        stack = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        with_gram = optim.newton_schulz(stack, coefficients, ns_steps, 1e-7, torch.float32, polar_express)
+        monkeypatch.setattr(optim, "GRAM_ITERATION_MIN_ASPECT", 10**9)
+        plain = optim.newton_schulz(stack, coefficients, ns_steps, 1e-7, torch.float32, polar_express)
+        monkeypatch.setattr(optim, "GRAM_ITERATION_MIN_ASPECT", 2)
+        assert torch.allclose(with_gram, plain, atol=1e-5), (with_gram - plain).abs().max()
+    assert calls == [(3, 16, 48), (3, 16, 48), (2, 16, 32)]  # taken for each stack once, on its wide side
+    square = torch.randn((2, 16, 16), generator=torch.Generator().manual_seed(2))
+    optim.newton_schulz(square, coefficients, ns_steps, 1e-7, torch.float32)
+    optim.newton_schulz(stack, coefficients, ns_steps, 1e-7, torch.bfloat16)
+    assert len(calls) == 3  # not for square matrices, nor in bf16
+
+
 def test_batched_muon_steps_as_torchs_muon_and_shares_its_state():
     from lm.optim import BatchedMuon
 
