@@ -71,8 +71,8 @@ def newton_schulz(
     return x.mT if tall else x
 
 
-# Where the Gram form pays: with r rows and c = t * r columns, five plain steps cost (20t + 10) r^3 multiply-adds
-# and the Gram form 4t r^3 + 34 r^3, equal at t = 1.5; it is taken from 2, where it saves a fifth.
+# Where the Gram form pays: with r rows and c = t * r columns, five plain steps cost (10t + 5) r^3 multiply-adds
+# and the Gram form (2t + 17) r^3, equal at t = 1.5; it is taken from 2, where it saves a sixth.
 GRAM_ITERATION_MIN_ASPECT = 2
 
 
@@ -80,7 +80,7 @@ def gram_newton_schulz(x: torch.Tensor, coefficients) -> torch.Tensor:
     """The quintic iteration X <- (aI + bA + cA^2) X, A = XX^T, for wide (N, r, c) matrices (r < c), carried out on
     r x r matrices only. Each step multiplies X by a polynomial P of A, so after k steps X_k = Q_k X_0, and since
     every P and Q is a polynomial of A_0 they commute: Q <- P Q and A <- P^2 A, with one r x c product at each
-    end instead of three per step. The same result as the plain iteration up to rounding, which is why it is only
+    end instead of two per step. The same result as the plain iteration up to rounding, which is why it is only
     taken in fp32 (in bf16 the products' errors compound through A)."""
     gram = x @ x.mT
     transform = None
